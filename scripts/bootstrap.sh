@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-stamp=".venv/.installed-$(cat pyproject.toml requirements/local.txt | sha256sum | cut -c1-16)"
+stamp=".venv/.installed-$(cat pyproject.toml requirements/*.txt | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then
     exit 0
 fi
@@ -15,7 +15,7 @@ fi
 echo "bootstrap: installing torch (CPU build) and the project; this takes a few minutes once" >&2
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements/local.txt
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e ".[test]"
 rm -f .venv/.installed-*
 touch "$stamp"
 echo "bootstrap: done" >&2
