@@ -178,7 +178,7 @@ class Featurizer:
             if projector.layer_shapes[name] != shape:
                 raise ValueError(f"layer {name} has (d_in, d_out) = {shape} but the projector was built for "
                                  f"{projector.layer_shapes[name]}; rebuild the projector from this model")
-        self.projector = projector.restrict(self.layer_names)
+        self.projector = projector.restricted_to(self.layer_names)
         self.device = next(model.parameters()).device
         self.autocast = self.device.type == "cuda" if autocast is None else autocast
         self._modules = {name: module for name, module in model.named_modules() if name in shapes}
@@ -326,40 +326,27 @@ def pad_batch(token_lists: Sequence[Sequence[int]], pad_id: int, *,
     return input_ids, attention_mask
 
 
-def encode_task_example(tokenizer, context: str, continuation: str, max_length: int) -> tuple[list[int], int]:
-    """Return (tokens, number of target tokens at the end) for one context and its continuation.
-
-    As lm-evaluation-harness does, trailing spaces of the context move to the continuation, the
-    whole string is tokenized at once and split at the context's own token count, so a BPE merge
-    across the boundary cannot shift the split. Tokens are truncated from the left to ``max_length``.
-    """
-    stripped = context.rstrip(" ")
-    continuation = context[len(stripped):] + continuation
-    whole = tokenizer(stripped + continuation, add_special_tokens=False)["input_ids"]
-    context_length = len(tokenizer(stripped, add_special_tokens=False)["input_ids"]) if stripped else 0
-    num_targets = max(len(whole) - context_length, 0)
-    tokens = whole[-max_length:]
-    return tokens, min(num_targets, len(tokens))
-
-
 def encode_task_examples(tokenizer, examples: Sequence[Any], max_length: int
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Encode multiple-choice examples with the gold continuation as the only target.
 
-    Each example has ``context``, ``choices`` and ``gold`` (the index of the right choice).
-    Returns (input_ids, attention_mask, target_mask), right-padded, each [B, T] int64.
+    Each example is a ``tasks.Example``. Its gold (context, continuation) pair is tokenized as
+    ``evaluation.encode_pair`` does for checkpoint selection (the lm-evaluation-harness split), so
+    that task gradients see the same tokens that were scored. Sequences longer than ``max_length``
+    lose tokens from the left. Returns (input_ids, attention_mask, target_mask), right-padded,
+    each [B, T] int64.
     """
+    from automixer_ray.evaluation import encode_pair
+
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; load it with checkpoints.load_tokenizer")
     token_lists, target_counts = [], []
     for example in examples:
-        if not 0 <= example.gold < len(example.choices):
-            raise ValueError(f"example {example.task}/{example.example_id} has gold={example.gold} but "
-                             f"{len(example.choices)} choices; fix the task loader")
-        tokens, num_targets = encode_task_example(tokenizer, example.context, example.choices[example.gold],
-                                                  max_length)
+        context, continuation = example.gold_pair
+        context_ids, continuation_ids = encode_pair(tokenizer, context, continuation)
+        tokens = (list(context_ids) + list(continuation_ids))[-max_length:]
         token_lists.append(tokens)
-        target_counts.append(num_targets)
+        target_counts.append(min(len(continuation_ids), len(tokens)))
     input_ids, attention_mask = pad_batch(token_lists, tokenizer.pad_token_id, side="right")
     target_mask = torch.zeros_like(attention_mask)
     for row, (tokens, num_targets) in enumerate(zip(token_lists, target_counts)):

@@ -70,7 +70,7 @@ class ProjectorIdentity:
         text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
-    def restrict(self, layer_names: list[str]) -> "ProjectorIdentity":
+    def restricted_to(self, layer_names: list[str]) -> "ProjectorIdentity":
         """Return the identity of the same projector over ``layer_names`` only, in that order."""
         by_name = {layer[0]: layer for layer in self.layers}
         missing = [name for name in layer_names if name not in by_name]
@@ -154,7 +154,7 @@ class Projector:
         return ProjectorIdentity(kind=self.kind, seed=self.seed, k_in=self.k_in, k_out=self.k_out,
                                  layers=layers, dtype=FEATURE_DTYPE, model_fingerprint=self.model_fingerprint)
 
-    def restrict(self, layer_names: list[str]) -> "Projector":
+    def restricted_to(self, layer_names: list[str]) -> "Projector":
         """Return a projector over ``layer_names`` only; its matrices equal this one's."""
         missing = [name for name in layer_names if name not in self.layer_shapes]
         if missing:
