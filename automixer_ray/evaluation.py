@@ -80,9 +80,10 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     if spaces:
         continuation = context[-spaces:] + continuation
         context = context[:-spaces]
-    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    # verbose=False: sequences longer than the model are expected here and truncated later.
+    whole = tokenizer(context + continuation, add_special_tokens=False, verbose=False)["input_ids"]
     if context:
-        context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+        context_ids = tokenizer(context, add_special_tokens=False, verbose=False)["input_ids"]
         return context_ids, whole[len(context_ids):]
     prefix = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
     if prefix is None:
@@ -231,6 +232,7 @@ def capability_matrix(checkpoints: list[CheckpointInfo], influence: dict[str, li
         raise ValueError("no tasks to score; pass at least one task's influence examples")
     if not ray.is_initialized():
         raise RuntimeError("Ray is not initialised; call raycluster.init_local_ray() first")
+    # NOTE: the tests run on CPU only; the GPU branch (one GPU per task, model on cuda) is untested.
     num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     influence_ref = ray.put(influence)
     futures = [

@@ -31,7 +31,7 @@ def real_examples(shared_data) -> list[Example]:
     files = find_task_files(str(shared_data / "tasks"), ["piqa", "winogrande", "hellaswag", "boolq"])
     examples = []
     for name, uri in files.items():
-        examples.extend(load_task(name, uri)[:3])
+        examples.extend(load_task(name, uri)[:2])
     return examples
 
 
@@ -201,7 +201,7 @@ def test_capability_matrix_ray(ray_local, run_dir, real_examples):
     assert list(matrix["checkpoint"]) == ["checkpoint-000000"] * 2 + ["checkpoint-000010"] * 2
     assert list(matrix["step"]) == [0, 0, 10, 10]
     assert list(matrix["task"]) == ["piqa", "winogrande"] * 2
-    assert list(matrix["n_examples"]) == [3, 3, 3, 3]
+    assert list(matrix["n_examples"]) == [2, 2, 2, 2]
     assert matrix["gold_nll"].gt(0).all()
     assert matrix["acc"].between(0, 1).all()
     rows = matrix.set_index(["checkpoint", "task"])
