@@ -138,12 +138,16 @@ def write_manifest(output_dir: str, manifest: dict[str, Any]) -> str:
     return uri
 
 
+def resolve_manifest_uri(uri: str) -> str:
+    """Return ``uri`` itself, or ``uri/manifest.json`` when ``uri`` is a folder."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    return join_uri(uri, MANIFEST_NAME) if fs.isdir(path) else uri
+
+
 def read_manifest(uri: str) -> dict[str, Any]:
     """Read and validate a manifest from a ``manifest.json`` URI or from the folder that contains it."""
+    uri = resolve_manifest_uri(uri)
     fs, path = fsspec.core.url_to_fs(uri)
-    if fs.isdir(path):
-        uri = join_uri(uri, MANIFEST_NAME)
-        path = posixpath.join(path, MANIFEST_NAME)
     try:
         with fs.open(path, "rb") as handle:
             manifest = json.loads(handle.read().decode("utf-8"))
