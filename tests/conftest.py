@@ -111,3 +111,26 @@ def tiny_gpt2_dir(tmp_path_factory, tokenizer_dir) -> str:
 def tiny_llama_dir(tmp_path_factory, tokenizer_dir) -> str:
     """An untrained 2-layer Llama (width 32, grouped-query attention) saved as a checkpoint folder."""
     return _save_tiny_model("llama", tokenizer_dir, tmp_path_factory.mktemp("tiny") / "llama" / "checkpoint-000000")
+
+
+@pytest.fixture(scope="session")
+def proxy_run(tmp_path_factory, shared_data, tokenizer_dir) -> str:
+    """A GPT-2 proxy (2 layers, width 64, context 128) trained 150 steps on the real corpus.
+
+    Returns the run folder, which contains checkpoint-000050, checkpoint-000100 and checkpoint-000150.
+    """
+    import torch
+
+    from automixer_ray.proxy import train_proxy
+
+    run_dir = tmp_path_factory.mktemp("proxy_run")
+    threads = torch.get_num_threads()
+    # On a 2-CPU machine at load average 7 (parallel test runs), 10 steps of this model took
+    # 10.3 s with two torch threads and 1.3 s with one, because the threads oversubscribe the CPUs.
+    torch.set_num_threads(1)
+    try:
+        train_proxy(corpus_uris=[str(CORPUS_DIR)], output_dir=str(run_dir), steps=150, save_every=50,
+                    tokenizer_dir=tokenizer_dir, seed=0, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return str(run_dir)
