@@ -70,23 +70,34 @@ def _is_hidden(path: str) -> bool:
     return path.rstrip("/").rsplit("/", 1)[-1].startswith((".", "_"))
 
 
-def _source_of(path: str) -> str:
+def _source_of(path: str, root: Optional[str] = None) -> str:
+    """Name a file's source: the first folder below ``root`` when the user named a folder, else the
+    file's parent folder. ``corpus/news/sport/001.txt`` under ``corpus/`` is source ``news``."""
+    if root is not None:
+        relative = path[len(root.rstrip("/")) + 1:] if path.startswith(root.rstrip("/") + "/") else ""
+        parts = relative.split("/")
+        if len(parts) >= 2 and parts[0]:
+            return parts[0]
+        root_name = root.rstrip("/").rsplit("/", 1)[-1]
+        if root_name:
+            return root_name
     parts = path.rstrip("/").split("/")
     return parts[-2] if len(parts) >= 2 and parts[-2] else "default"
 
 
-def _expand_uri(uri: str) -> tuple[fsspec.AbstractFileSystem, list[str], bool]:
-    """Return the file system, the files behind ``uri`` and whether ``uri`` named one file directly."""
+def _expand_uri(uri: str) -> tuple[fsspec.AbstractFileSystem, list[str], bool, Optional[str]]:
+    """Return the file system, the files behind ``uri``, whether ``uri`` named one file directly, and
+    the folder that names sources (``uri`` itself when it is a folder, else None)."""
     fs, path = fsspec.core.url_to_fs(uri)
     if glob.has_magic(path):
         files: list[str] = []
         for match in fs.glob(path):
             files.extend(fs.find(match) if fs.isdir(match) else [match])
-        return fs, files, False
+        return fs, files, False, None
     if fs.isdir(path):
-        return fs, fs.find(path), False
+        return fs, fs.find(path), False, path
     if fs.isfile(path):
-        return fs, [path], True
+        return fs, [path], True, None
     raise FileNotFoundError(f"corpus location {uri} not found; pass an existing file, folder or glob")
 
 
@@ -104,7 +115,7 @@ def list_shards(uris: list[str], *, format: str = "auto") -> list[Shard]:
         uris = [uris]
     shards: dict[str, Shard] = {}
     for uri in uris:
-        fs, files, direct = _expand_uri(uri)
+        fs, files, direct, source_root = _expand_uri(uri)
         skipped: list[str] = []
         found = 0
         for path in files:
@@ -118,7 +129,7 @@ def list_shards(uris: list[str], *, format: str = "auto") -> list[Shard]:
                 skipped.append(path)
                 continue
             full_uri = fs.unstrip_protocol(path)
-            shards[full_uri] = Shard(uri=full_uri, format=shard_format, source=_source_of(path))
+            shards[full_uri] = Shard(uri=full_uri, format=shard_format, source=_source_of(path, source_root))
             found += 1
         if skipped:
             logger.info("skipped %d files with unknown extensions under %s (first: %s)", len(skipped), uri, skipped[0])

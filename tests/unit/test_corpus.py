@@ -54,7 +54,14 @@ def test_list_shards_real_corpus(corpus_dir):
     assert len(set(uris)) == len(uris)
     assert all(uri.startswith("file:///") for uri in uris)
     sources = {shard.source for shard in shards}
-    assert sources == {"books", "shakespeare", "stackexchange", "wikitext"} | NEWS_SOURCES
+    assert sources == {"books", "news", "shakespeare", "stackexchange", "wikitext"}
+
+
+def test_source_is_parent_folder_without_corpus_root(corpus_dir):
+    shards = list_shards([str(corpus_dir / "news" / "*" / "00*.txt")])
+    assert {shard.source for shard in shards} == NEWS_SOURCES
+    named_folder = list_shards([str(corpus_dir / "news" / "sport")])
+    assert {shard.source for shard in named_folder} == {"sport"}
 
 
 def test_list_shards_dedups_overlap(corpus_dir):
