@@ -389,7 +389,9 @@ def build_mixture(influence: ray.data.Dataset, *, selected: dict[str, str], conf
     columns = [influence_column(checkpoint, task) for checkpoint in artifacts for task in tasks]
     sample_columns = _check_inputs(influence, selected, columns)
     task_weights = _normalised_task_weights(tasks, config)
-    influence = influence.select_columns([*sample_columns, "skip_reason", *columns])
+    # Both passes below read the same columns, so read them once into the object store (which
+    # spills to disk when full) instead of reading the table twice.
+    influence = influence.select_columns([*sample_columns, "skip_reason", *columns]).materialize()
 
     counts, mean, std = _column_statistics(influence, columns)
     logger.info("influence table: %d read, %d scored, skipped %s", counts["read"], counts["scored"], counts["skipped"])
@@ -400,6 +402,7 @@ def build_mixture(influence: ray.data.Dataset, *, selected: dict[str, str], conf
         "density_coefficients": _density_coefficients(selected, columns, task_weights, config.beta),
         "sample_columns": sample_columns,
     }).materialize()
+    del influence  # the scored rows are materialised, so the projected table can be freed
 
     n_keep = max(1, math.ceil(config.top_k_percent / 100.0 * counts["scored"]))
     staging = join_uri(output_dir, f"groups/.staging-{uuid.uuid4().hex}")

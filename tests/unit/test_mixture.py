@@ -214,10 +214,10 @@ def test_group_file_columns(checkpoint_mixture):
 
 
 def test_group_by_task_beta_zero_large_budget(ray_local, influence_table, tmp_path):
-    frame, folder = influence_table
+    frame, _ = influence_table
     budget = _token_budget(frame, 3.0)
     config = MixtureConfig(top_k_percent=12.5, beta=0.0, group_by="task", token_budget=budget)
-    result = build_mixture(ray_local.data.read_parquet(folder), selected=SELECTED, config=config, output_dir=str(tmp_path))
+    result = build_mixture(ray_local.data.from_pandas(frame), selected=SELECTED, config=config, output_dir=str(tmp_path))
     scored, _, ranking, _ = _expected_scores(frame, SELECTED, "task", 0.0)
     n_keep = math.ceil(0.125 * len(scored))
 
@@ -244,9 +244,8 @@ def test_unsafe_names_and_missing_scores(ray_local, shared_data, tmp_path):
     frame = _influence_frame(shared_data, selected, 300, seed=3)
     fine = np.flatnonzero(frame.skip_reason.isna().values)[:4]
     frame.loc[fine, influence_column("/abs/ckpt", "arc_easy")] = np.nan
-    folder = _write_table(frame, tmp_path / "influence", n_files=1)
     output = tmp_path / "out"
-    result = build_mixture(ray_local.data.read_parquet(folder), selected=selected,
+    result = build_mixture(ray_local.data.from_pandas(frame), selected=selected,
                            config=MixtureConfig(top_k_percent=100.0), output_dir=str(output))
 
     for group in result.groups:
@@ -277,15 +276,13 @@ def test_constant_column_raises_naming_it(ray_local, shared_data, tmp_path):
     frame = _influence_frame(shared_data, SELECTED, 200, seed=5)
     constant = influence_column("checkpoint-200", "piqa")
     frame.loc[frame.skip_reason.isna(), constant] = 0.5
-    folder = _write_table(frame, tmp_path / "influence", n_files=1)
     with pytest.raises(ValueError, match="checkpoint-200/piqa"):
-        build_mixture(ray_local.data.read_parquet(folder), selected=SELECTED, config=MixtureConfig(),
+        build_mixture(ray_local.data.from_pandas(frame), selected=SELECTED, config=MixtureConfig(),
                       output_dir=str(tmp_path / "out"))
 
 
 def test_missing_column_raises(ray_local, shared_data, tmp_path):
     frame = _influence_frame(shared_data, SELECTED, 50, seed=5).drop(columns=[influence_column("checkpoint-100", "boolq")])
-    folder = _write_table(frame, tmp_path / "influence", n_files=1)
     with pytest.raises(ValueError, match="checkpoint-100/boolq"):
-        build_mixture(ray_local.data.read_parquet(folder), selected=SELECTED, config=MixtureConfig(),
+        build_mixture(ray_local.data.from_pandas(frame), selected=SELECTED, config=MixtureConfig(),
                       output_dir=str(tmp_path / "out"))
