@@ -13,8 +13,8 @@ Automatic Data Mixers", ACL 2025, arXiv 2506.21910) with these definitions:
 - Each kept sample has the density p(x) ~ exp(beta * mean_c J_c(x)), the mean running over the
   artifact checkpoints. A group's weight is its share of the density mass,
   w_g = sum_{x in g} p(x) / sum_{g'} sum_{x in g'} p(x), computed with log-sum-exp.
-- With a token budget B, group g supplies w_g * B tokens: a group that holds more keeps the
-  shortest top-ranked prefix that reaches w_g * B tokens (epochs 1); a group that holds fewer
+- With a token budget B, group g supplies w_g * B tokens: a group that contains more keeps the
+  shortest top-ranked prefix that reaches w_g * B tokens (epochs 1), and a group that contains fewer
   repeats for w_g * B / n_tokens_g epochs. Without a budget every group is kept whole, epochs 1.
 
 Every statistic is a streaming aggregation over Ray Data blocks, and each group's ranking is a
@@ -348,7 +348,7 @@ def _finish_groups(plans: list[_GroupPlan], written: list[dict[str, Any]], stage
         n_samples, n_tokens, epochs = entry["n_samples"], entry["n_tokens"], 1.0
         target = None if token_budget is None else weight * token_budget
         if target is not None and n_tokens == 0:
-            raise ValueError(f"group {plan.name} holds no tokens, so it cannot supply {target:.0f} tokens of the "
+            raise ValueError(f"group {plan.name} contains no tokens, so it cannot supply {target:.0f} tokens of the "
                              "budget; check n_tokens in the influence table")
         if target is not None and n_tokens > target:
             n_samples, n_tokens = _write_prefix(staged_uri, final_uri, target)
@@ -372,7 +372,7 @@ def _check_inputs(influence: ray.data.Dataset, selected: dict[str, str], columns
     names = influence.schema().names
     missing = [name for name in (*REQUIRED_SAMPLE_COLUMNS, "skip_reason", *columns) if name not in names]
     if missing:
-        raise ValueError(f"the influence table lacks column(s) {missing}; it has {names}. Each (artifact "
+        raise ValueError(f"the influence table is missing column(s) {missing}; it has {names}. Each (artifact "
                          "checkpoint, task) needs a column named 'checkpoint/task'")
     return [*REQUIRED_SAMPLE_COLUMNS, *(name for name in OPTIONAL_SAMPLE_COLUMNS if name in names)]
 
