@@ -10,7 +10,7 @@ by projected gradients. This module implements the factored projection
 flattened row-major, as LoGra does. Forward hooks project the inputs, tensor hooks on the layer
 outputs project the output gradients, and an einsum over tokens gives every sample's block at once.
 The per-sample losses are summed (not averaged over the batch) before the backward pass, so each
-sample's delta is the gradient of its own loss alone. This holds because a causal LM never mixes
+sample's delta is the gradient of its own loss alone. This is exact because a causal LM never mixes
 samples of a batch. Models with cross-sample operations (batch norm, capacity-limited MoE
 routing) are not supported.
 
@@ -148,7 +148,7 @@ def _project(x: torch.Tensor, matrix: torch.Tensor, token_mask: torch.Tensor) ->
     batch, tokens = token_mask.shape
     with torch.autocast(device_type=x.device.type, enabled=False):
         projected = x.detach().reshape(batch, tokens, -1).float() @ matrix.T  # [B, T, k]
-    # torch.where, not a product, so that a non-finite value at a padding position cannot leak.
+    # Select with torch.where instead of multiplying by the mask, because NaN * 0 is NaN.
     return torch.where(token_mask[..., None], projected, torch.zeros((), device=x.device))
 
 
@@ -156,8 +156,8 @@ class Featurizer:
     """Hooks on ``layer_names`` of ``model`` that return each sample's projected gradient.
 
     The model is put in eval mode (dropout would break exactness). The backward pass starts at
-    the block that holds the earliest layer in ``layer_names``: the hidden state entering that block
-    becomes a leaf, and parameters never require grad while featurizing, so earlier blocks build no
+    the block that contains the earliest layer in ``layer_names``, whose incoming hidden state
+    becomes a leaf. Parameters do not require grad while featurizing, so earlier blocks build no
     graph and earlier layers receive no gradient. On CUDA the forward pass runs under bf16
     autocast (``autocast=None`` picks it), and all projections and sums are float32.
     """

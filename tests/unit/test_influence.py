@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import os
 import random
 
 import numpy as np
@@ -12,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from automixer_ray.checkpoints import fingerprint_checkpoint, load_model, load_tokenizer
 from automixer_ray.config import ProjectionConfig
@@ -139,27 +139,6 @@ def test_influence_scores_cosine_and_dot():
 
 # ---------------------------------------------------------------- fidelity on a trained proxy
 
-def _train_proxy(tokenizer, texts: list[str], steps: int) -> GPT2LMHeadModel:
-    """Train a 4-layer GPT-2 (width 128) on 64-token chunks of real text with plain AdamW."""
-    ids = []
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
-    chunks = torch.tensor(ids[: len(ids) // 64 * 64]).view(-1, 64)
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=128, n_layer=4, n_head=4,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
-    model = GPT2LMHeadModel(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    for _ in range(steps):
-        batch = chunks[torch.randint(0, len(chunks), (16,))]
-        loss = model(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
-
-
 def _corpus_samples(shared_data, tokenizer, wikitext: list[str], per_source: int) -> list[list[int]]:
     """Draw 64-token samples from each of the five real corpus sources."""
     root = shared_data / "corpus"
@@ -191,12 +170,14 @@ def _exact_gradient(model, weights, tokens: list[int], num_targets: int) -> torc
     return torch.cat([grad.flatten() for grad in torch.autograd.grad(loss, weights)])
 
 
-def test_projected_influence_ranks_like_exact(shared_data, tokenizer_dir, corpus_texts):
+def test_projected_influence_ranks_like_exact(shared_data, corpus_texts, proxy_run):
+    """Check the ranking on the last proxy checkpoint, over 40 samples from each of five sources."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread is several times faster for this tiny model on a busy machine
     try:
-        tokenizer = load_tokenizer(tokenizer_dir)
-        model = _train_proxy(tokenizer, corpus_texts, steps=200)
+        checkpoint = os.path.join(proxy_run, "checkpoint-000150")
+        tokenizer = load_tokenizer(checkpoint)
+        model = load_model(checkpoint)
         samples = _corpus_samples(shared_data, tokenizer, corpus_texts[0:120:3], per_source=40)
         examples = load_task("arc_easy", str(shared_data / "tasks/arc_easy/test.jsonl"))[:64]
         names = find_candidate_layers(model)
@@ -224,8 +205,8 @@ def test_projected_influence_ranks_like_exact(shared_data, tokenizer_dir, corpus
     rho = spearmanr(projected, exact).statistic
     print(f"Spearman rho, projected vs exact cosine influence, {len(samples)} samples, "
           f"{len(names)} layers x 16x16: {rho:.4f}")
-    # NOTE: with other projector seeds this set-up measured rho between 0.94 and 0.97 (4-layer
-    # GPT-2, width 128, 200 steps), so the margin over 0.95 at the default seed is small.
+    # NOTE: on this proxy (2-layer GPT-2, width 64, 150 steps) projector seeds 0 to 3 gave rho
+    # 0.970, 0.983, 0.977 and 0.943, so a seed other than the default can miss 0.95.
     assert len(samples) >= 200
     assert rho >= 0.95
 
