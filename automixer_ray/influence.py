@@ -204,7 +204,9 @@ def influence_scores(features: np.ndarray, task_matrix: np.ndarray, metric: str 
 
 
 def _has_skip_reason(value: Any) -> bool:
-    return value is not None and not (isinstance(value, float) and math.isnan(value))
+    # Ray Data turns an all-null string column into float NaN (numpy.float32) between stages, so
+    # only a non-empty string is a reason.
+    return isinstance(value, str) and value != ""
 
 
 class ScoringActor:
@@ -251,7 +253,7 @@ class ScoringActor:
         input_ids = batch["input_ids"]
         num_rows = len(input_ids)
         skip_reason = np.empty(num_rows, dtype=object)
-        skip_reason[:] = list(batch["skip_reason"])
+        skip_reason[:] = [value if _has_skip_reason(value) else None for value in batch["skip_reason"]]
         scores = np.full((num_rows, len(self.task_names)), np.nan, dtype=np.float32)  # [B, T]
         rows = []
         for row in range(num_rows):

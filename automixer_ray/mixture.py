@@ -251,14 +251,21 @@ def _score_batch(batch: pa.Table, *, columns: list[str], mean: list[float], std:
     return pa.table(out)
 
 
-def _check_order(previous: Optional[tuple[float, str]], scores: np.ndarray, ids: list[str]) -> None:
-    """Raise if rows are not in (score descending, sample_id ascending) order."""
+def _check_order(previous: Optional[tuple[float, str, str]], scores: np.ndarray, ids: list[str],
+                 locations: list[str]) -> None:
+    """Raise if rows are not in (score descending, sample_id ascending, location ascending) order.
+
+    Equal sample ids are legal: the same text at two locations (a shared licence header, say) has
+    one content id, and the location orders such copies.
+    """
     if previous is not None and len(ids):
         scores = np.concatenate([[previous[0]], scores])
         ids = [previous[1], *ids]
+        locations = [previous[2], *locations]
     steps = np.diff(scores)  # [rows - 1]
     bad = np.flatnonzero(steps > 0).tolist()
-    bad += [i for i in np.flatnonzero(steps == 0).tolist() if ids[i + 1] <= ids[i]]
+    bad += [i for i in np.flatnonzero(steps == 0).tolist()
+            if (ids[i + 1], locations[i + 1]) < (ids[i], locations[i])]
     if bad:
         i = min(bad)
         raise RuntimeError(f"ranked rows arrived out of order at sample {ids[i + 1]} (score {scores[i + 1]}) after "
@@ -288,7 +295,7 @@ def _write_ranked(scored: ray.data.Dataset, score_column: str, n_keep: int, uri:
 
     Returns the row count, token count and log-sum-exp of the log density over the written rows.
     """
-    ranked = scored.sort([score_column, "sample_id"], descending=[True, False]).limit(n_keep)
+    ranked = scored.sort([score_column, "sample_id", "location"], descending=[True, False, False]).limit(n_keep)
     ranked.context.execution_options.preserve_order = True
     n_rows, n_tokens, previous = 0, 0, None
     log_max, scaled_sum = -math.inf, 0.0
@@ -296,9 +303,10 @@ def _write_ranked(scored: ray.data.Dataset, score_column: str, n_keep: int, uri:
         for batch in ranked.iter_batches(batch_format="pyarrow", batch_size=65536):
             scores = batch.column(score_column).to_numpy(zero_copy_only=False)
             ids = batch.column("sample_id").to_pylist()
-            _check_order(previous, scores, ids)
+            locations = batch.column("location").to_pylist()
+            _check_order(previous, scores, ids, locations)
             if len(ids):
-                previous = (float(scores[-1]), ids[-1])
+                previous = (float(scores[-1]), ids[-1], locations[-1])
             writer.write_table(_group_file_batch(batch, score_column, n_rows))
             n_rows += len(batch)
             n_tokens += int(pc.sum(batch.column("n_tokens")).as_py() or 0)

@@ -19,6 +19,11 @@ logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 
+# CPUs each read, tokenize and write task or actor of the sample stream requests. Scoring actors
+# hold their CPUs for the whole stream, so every other stage must fit in what is left; a stage
+# that asks for more than the free remainder would wait forever.
+STREAM_TASK_CPUS = 0.25
+
 
 def init_local_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None) -> None:
     """Join the Ray at ``address``, or start a local one with every port bound to 127.0.0.1.
@@ -44,6 +49,16 @@ def init_local_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = N
         configure_logging=False,
     )
     logger.info("started local Ray on %s: %s", LOOPBACK, ray.cluster_resources())
+
+
+def _stream_reserve(total_cpus: float) -> float:
+    return max(1.0, 0.25 * total_cpus)
+
+
+def max_tokenize_actors() -> int:
+    """Return how many tokenizing actors fit in the CPUs kept free of scoring, with room for reads."""
+    total_cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    return max(1, int(_stream_reserve(total_cpus) / STREAM_TASK_CPUS) // 2)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,7 +90,7 @@ def plan_pools(
                          "set it to 0 or null to score on CPUs")
 
     # Keep a quarter of the CPUs, and at least one, for reading, tokenizing and writing.
-    cpu_budget = max(total_cpus - max(1.0, 0.25 * total_cpus), 0.25)
+    cpu_budget = max(total_cpus - _stream_reserve(total_cpus), 0.25)
     cpus_per_pool = cpu_budget / num_pools
     cpus = min(num_cpus_per_actor, cpus_per_pool)
     if num_gpus_per_actor > 0:

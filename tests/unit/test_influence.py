@@ -294,3 +294,14 @@ def test_scoring_actor_rejects_mismatch(tiny_gpt2_dir, gradients):
         ScoringActor(**_actor_arguments(tiny_gpt2_dir, gradients, kept, identity=wrong_layers))
     with pytest.raises(ValueError, match="task_matrix has shape"):
         ScoringActor(**_actor_arguments(tiny_gpt2_dir, gradients, kept, task_matrix=np.ones((2, 5))))
+
+
+def test_skip_reason_null_as_float_nan_is_not_a_reason():
+    """Ray Data hands an all-null skip_reason column over as float32 NaN; such rows must be scored."""
+    from automixer_ray.influence import _has_skip_reason
+
+    assert not _has_skip_reason(np.float32("nan"))
+    assert not _has_skip_reason(float("nan"))
+    assert not _has_skip_reason(None)
+    assert not _has_skip_reason("")
+    assert _has_skip_reason("empty_text")
