@@ -165,10 +165,39 @@ def _check_same_run(infos: list[CheckpointInfo]) -> None:
                                   "use checkpoints of one training run")
 
 
+def remote_code_files(path: str) -> dict[str, str]:
+    """Return the ``auto_map`` entries of a checkpoint's config.json and tokenizer_config.json.
+
+    Each entry names a Python class that transformers would import from the checkpoint folder or
+    the Hub, so a non-empty result means loading runs code that ships with the checkpoint.
+    """
+    found: dict[str, str] = {}
+    for name in ("config.json", "tokenizer_config.json"):
+        file_path = os.path.join(path, name)
+        if not os.path.isfile(file_path):
+            continue
+        with open(file_path, encoding="utf-8") as handle:
+            auto_map = json.load(handle).get("auto_map") or {}
+        if isinstance(auto_map, dict):
+            found.update({f"{name}:{key}": str(value) for key, value in auto_map.items()})
+    return found
+
+
+def check_remote_code(path: str, *, trust_remote_code: bool) -> None:
+    """Raise :class:`CheckpointError` if the checkpoint needs its own Python code and that is not allowed."""
+    needed = remote_code_files(path)
+    if needed and not trust_remote_code:
+        raise CheckpointError(
+            f"checkpoint {path} needs custom code to load (auto_map: {needed}), and checkpoints.trust_remote_code "
+            "is off; read that code and set checkpoints.trust_remote_code: true only if you trust it, or "
+            "save the model with a built-in transformers architecture")
+
+
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     """Load a checkpoint's tokenizer; one without a pad token pads with eos (embeddings never resized)."""
     from transformers import AutoTokenizer
 
+    check_remote_code(path, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
@@ -179,17 +208,24 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
 
 
 def load_model(path: str, *, allow_pickle: bool = False, trust_remote_code: bool = False, device: str = "cpu"):
-    """Load a checkpoint's causal LM in float32, in eval mode, refusing pickled weights unless allowed."""
+    """Load a checkpoint's causal LM in float32, in eval mode, refusing pickled weights unless allowed.
+
+    Allowed pickled weights load through ``torch.load(weights_only=True)``, whose unpickler accepts
+    only tensors and plain containers, so a pickle that names any other callable fails to load.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     check_checkpoint_files(path, allow_pickle=allow_pickle)
+    check_remote_code(path, trust_remote_code=trust_remote_code)
     names = set(os.listdir(path))
     use_safetensors = any(n.endswith(".safetensors") or n in SAFE_WEIGHT_FILES for n in names)
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=torch.float32,
         use_safetensors=use_safetensors,
+        # transformers (5.x) passes this on to torch.load for .bin files, and it is also the default.
+        weights_only=True,
         trust_remote_code=trust_remote_code,
     )
     model.to(device)

@@ -160,9 +160,14 @@ class InfluenceConfig:
         if isinstance(self.keep_layers, int):
             _check_range("influence.keep_layers", self.keep_layers, low=1)
         else:
+    # Padded tokens per scoring batch (samples x longest sample); None limits by batch_size only.
+    # A batch that still runs out of memory is split in half and retried.
+    max_batch_tokens: Optional[int] = None
             _check_range("influence.keep_layers", self.keep_layers, low=0.0, high=1.0, low_open=True)
         _check_range("influence.batch_size", self.batch_size, low=1)
 
+        if self.max_batch_tokens is not None:
+            _check_range("influence.max_batch_tokens", self.max_batch_tokens, low=1)
 
 @dataclass(kw_only=True)
 class MixtureConfig:

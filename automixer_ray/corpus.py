@@ -381,14 +381,21 @@ def read_shard(shard: Shard, *, text_field: str = "text", source_field: Optional
     if decode_errors not in ("replace", "skip"):
         raise CorpusError(f"decode_errors={decode_errors!r} is invalid; allowed values: 'replace', 'skip'")
     if shard.format == "jsonl":
-        yield from _read_jsonl(shard, text_field, source_field, decode_errors)
+        records = _read_jsonl(shard, text_field, source_field, decode_errors)
     elif shard.format == "parquet":
-        yield from _read_parquet(shard, text_field, source_field, decode_errors)
+        records = _read_parquet(shard, text_field, source_field, decode_errors)
     elif shard.format == "text":
         text, replaced, reason = _read_text_file(shard.uri, decode_errors)
-        yield _make_record(shard, 0, text, shard.source, replaced, reason)
+        records = iter([_make_record(shard, 0, text, shard.source, replaced, reason)])
     else:
         raise CorpusError(f"shard {shard.uri} has format {shard.format!r}; allowed: jsonl, parquet, text")
+    count = 0
+    for record in records:
+        count += 1
+        yield record
+    if count == 0:
+        # An empty file loses nothing, but a user who expected data there should hear of it.
+        logger.warning("corpus file %s contains no records", shard.uri)
 
 
 # ----------------------------------------------------------------------------------------------

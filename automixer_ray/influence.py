@@ -203,6 +203,51 @@ def influence_scores(features: np.ndarray, task_matrix: np.ndarray, metric: str 
     return scores.astype(np.float32)
 
 
+# Messages of the RuntimeError that PyTorch raises when the CPU allocator fails (torch 2.x);
+# CUDA and other accelerators raise torch.OutOfMemoryError instead.
+_CPU_OOM_MESSAGES = ("DefaultCPUAllocator: can't allocate memory", "out of memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Return True for an accelerator or CPU out-of-memory error raised by PyTorch."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in _CPU_OOM_MESSAGES)
+
+
+def _release_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def model_batches(rows: Sequence[int], lengths: Sequence[int], *, max_rows: int,
+                  max_tokens: int | None = None) -> list[list[int]]:
+    """Cut ``rows`` (sorted by length) into model batches of at most ``max_rows`` samples.
+
+    With ``max_tokens``, a batch also stays within ``max_tokens`` padded tokens (its sample count
+    times its longest sample). A single sample longer than ``max_tokens`` forms its own batch.
+    """
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for row, length in zip(rows, lengths):
+        grown = max(longest, length)
+        too_many_tokens = max_tokens is not None and grown * (len(current) + 1) > max_tokens
+        if current and (len(current) >= max_rows or too_many_tokens):
+            batches.append(current)
+            current, grown = [], length
+        current.append(row)
+        longest = grown
+    if current:
+        batches.append(current)
+    return batches
+
+
 def _has_skip_reason(value: Any) -> bool:
     # Ray Data turns an all-null string column into float NaN (numpy.float32) between stages, so
     # only a non-empty string is a reason.
@@ -221,18 +266,22 @@ class ScoringActor:
     def __init__(self, *, checkpoint_name: str, checkpoint_path: str, layer_names: list[str],
                  projection: ProjectionConfig, task_names: list[str], task_matrix: np.ndarray,
                  identity: dict, metric: str, batch_size: int, num_threads: int,
-                 allow_pickle: bool = False, trust_remote_code: bool = False) -> None:
+                 allow_pickle: bool = False, trust_remote_code: bool = False,
+                 max_batch_tokens: int | None = None) -> None:
         from automixer_ray.checkpoints import fingerprint_checkpoint, load_model, load_tokenizer
 
         if metric not in METRICS:
             raise ValueError(f"metric={metric!r} is invalid; allowed: {', '.join(METRICS)}")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} is invalid; it must be >= 1")
+        if max_batch_tokens is not None and max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens={max_batch_tokens} is invalid; it must be >= 1 or None")
         torch.set_num_threads(max(1, int(num_threads)))
         self.checkpoint_name = checkpoint_name
         self.task_names = list(task_names)
         self.metric = metric
         self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
         model = load_model(checkpoint_path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                            device=_pick_device())
         self.pad_id = load_tokenizer(checkpoint_path, trust_remote_code=trust_remote_code).pad_token_id
@@ -265,19 +314,48 @@ class ScoringActor:
             rows.append(row)
         # Sorting by length keeps padding short within each model batch.
         rows.sort(key=lambda row: len(input_ids[row]))
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start:start + self.batch_size]
-            self._score_rows(chunk, input_ids, scores, skip_reason)
+        for chunk in model_batches(rows, [len(input_ids[row]) for row in rows], max_rows=self.batch_size,
+                                   max_tokens=self.max_batch_tokens):
+            self._score_with_split(chunk, input_ids, scores, skip_reason)
         output = dict(batch)
         output["skip_reason"] = skip_reason
         for index, column in enumerate(self.columns):
             output[column] = scores[:, index]
         return output
 
+    def _score_with_split(self, rows: list[int], input_ids: np.ndarray, scores: np.ndarray,
+                          skip_reason: np.ndarray) -> None:
+        """Score ``rows``; on out-of-memory, split them in half and retry each half.
+
+        A single sample that still runs out of memory is skipped with the reason ``out_of_memory``.
+        """
+        try:
+            self._score_rows(rows, input_ids, scores, skip_reason)
+            return
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if not is_out_of_memory(error):
+                raise
+            _release_memory()
+            max_tokens = max(len(input_ids[row]) for row in rows)
+            if len(rows) == 1:
+                logger.error("scoring %s: one sample of %d tokens ran out of memory (%s); skipping it as "
+                             "out_of_memory", self.checkpoint_name, max_tokens, _first_line(error))
+                skip_reason[rows[0]] = f"{self.checkpoint_name}:out_of_memory"
+                return
+            half = len(rows) // 2
+            logger.warning("scoring %s: a batch of %d samples (up to %d tokens each) ran out of memory (%s); "
+                           "retrying as %d + %d samples", self.checkpoint_name, len(rows), max_tokens,
+                           _first_line(error), half, len(rows) - half)
+        self._score_with_split(rows[:half], input_ids, scores, skip_reason)
+        self._score_with_split(rows[half:], input_ids, scores, skip_reason)
+
+    def _featurize(self, ids: torch.Tensor, attention_mask: torch.Tensor):
+        return self.featurizer.featurize(ids, attention_mask, attention_mask)
+
     def _score_rows(self, rows: list[int], input_ids: np.ndarray, scores: np.ndarray,
                     skip_reason: np.ndarray) -> None:
         ids, attention_mask = pad_batch([np.asarray(input_ids[row]) for row in rows], self.pad_id)
-        features = self.featurizer.featurize(ids, attention_mask, attention_mask)
+        features = self._featurize(ids, attention_mask)
         chunk_scores = influence_scores(features.features, self.task_matrix, self.metric)  # [b, T]
         for position, row in enumerate(rows):
             reason = features.reasons[position]

@@ -13,6 +13,10 @@ Automatic Data Mixers", ACL 2025, arXiv 2506.21910) with these definitions:
 - Each kept sample has the density p(x) ~ exp(beta * mean_c J_c(x)), the mean running over the
   artifact checkpoints. A group's weight is its share of the density mass,
   w_g = sum_{x in g} p(x) / sum_{g'} sum_{x in g'} p(x), computed with log-sum-exp.
+- Duplicates: rows of one sample_id that would all be scored are copies of the same text. With
+  ``duplicates="drop"`` only the copy with the smallest location is ranked and the others count as
+  skipped "duplicate"; with ``"keep"`` every copy is ranked. Either way ``counts["duplicates"]``
+  is the number of copies beyond the first.
 - With a token budget B, group g supplies w_g * B tokens: a group that contains more keeps the
   shortest top-ranked prefix that reaches w_g * B tokens (epochs 1), and a group that contains fewer
   repeats for w_g * B / n_tokens_g epochs. Without a budget every group is kept whole, epochs 1.
@@ -49,6 +53,9 @@ logger = logging.getLogger(__name__)
 SCORE_DECIMALS = 6
 # A sample whose skip_reason is null but whose influence value is null or not finite.
 MISSING_SCORE = "missing_score"
+# A scored sample whose sample_id already occurs at a smaller location (``duplicates="drop"``).
+DUPLICATE = "duplicate"
+DUPLICATE_POLICIES = ("keep", "drop")
 REQUIRED_SAMPLE_COLUMNS = ("sample_id", "source", "uri", "row", "char_start", "char_end", "location", "n_tokens")
 OPTIONAL_SAMPLE_COLUMNS = ("doc_id",)
 LOG_DENSITY = "__log_density"
@@ -92,7 +99,8 @@ class MixtureResult:
     groups: list[dict[str, Any]]
     # Influence column -> {"mean", "std", "count"} over the scored samples.
     column_stats: dict[str, dict[str, float]]
-    # {"read": int, "scored": int, "skipped": {reason: int}}; read = scored + sum(skipped).
+    # {"read": int, "scored": int, "skipped": {reason: int}, "duplicates": int};
+    # read = scored + sum(skipped), and duplicates counts copies beyond the first of a sample_id.
     counts: dict[str, Any]
     # Normalised task weights u_t used in the joint scores.
     task_weights: dict[str, float] = field(default_factory=dict)
@@ -180,16 +188,66 @@ def _scored_mask(batch: pa.Table, values: np.ndarray) -> tuple[np.ndarray, np.nd
     return ~has_reason & finite, has_reason
 
 
-def _partial_stats(batch: pa.Table, columns: list[str]) -> pa.Table:
+def _later_copy_mask(batch: pa.Table, scored: np.ndarray, first_copies: Optional[dict[str, str]]) -> np.ndarray:
+    """Return the rows that are scored copies of a sample_id whose first copy sits at another location."""
+    later = np.zeros(len(batch), dtype=bool)
+    if not first_copies:
+        return later
+    ids = batch.column("sample_id").to_pylist()
+    locations = batch.column("location").to_pylist()
+    for row in np.flatnonzero(scored).tolist():
+        first = first_copies.get(ids[row])
+        later[row] = first is not None and locations[row] != first
+    return later
+
+
+def _scored_ids(batch: pa.Table, *, columns: list[str]) -> pa.Table:
+    values = _influence_values(batch, columns)
+    scored, _ = _scored_mask(batch, values)
+    return batch.select(["sample_id", "location"]).filter(pa.array(scored))
+
+
+def _rows_with_ids(batch: pa.Table, *, ids: list[str]) -> pa.Table:
+    return batch.filter(pc.is_in(batch.column("sample_id"), value_set=pa.array(ids, type=pa.string())))
+
+
+def find_first_copies(influence: ray.data.Dataset, columns: list[str]) -> tuple[dict[str, str], int]:
+    """Find sample_ids that more than one scored row carries; return (id -> smallest location, extra copies).
+
+    One grouped count over the scored (sample_id, location) pairs finds the repeated ids, and a
+    second pass collects the locations of only those rows. Only repeated ids reach the driver.
+    """
+    scored_ids = influence.map_batches(_scored_ids, fn_kwargs={"columns": columns}, batch_format="pyarrow")
+    repeated = [row["sample_id"] for row in scored_ids.groupby("sample_id").count().iter_rows()
+                if row["count()"] > 1]
+    if not repeated:
+        return {}, 0
+    # NOTE: the repeated ids and their locations are held on the driver. A corpus with tens of
+    # millions of repeated samples would need a distributed join here instead.
+    first: dict[str, str] = {}
+    copies = 0
+    for row in scored_ids.map_batches(_rows_with_ids, fn_kwargs={"ids": repeated}, batch_format="pyarrow").iter_rows():
+        sample_id, location = row["sample_id"], row["location"]
+        copies += 1
+        if sample_id not in first or location < first[sample_id]:
+            first[sample_id] = location
+    return first, copies - len(first)
+
+
+def _partial_stats(batch: pa.Table, columns: list[str], first_copies: Optional[dict[str, str]] = None) -> pa.Table:
     """Per-batch counts and per-column (mean, M2) over the scored rows, merged later with Chan's formula."""
     values = _influence_values(batch, columns)
     scored, has_reason = _scored_mask(batch, values)
+    later = _later_copy_mask(batch, scored, first_copies)
+    scored &= ~later
     skipped: dict[str, int] = {}
+    if later.any():
+        skipped[DUPLICATE] = int(later.sum())
     if has_reason.any():
         reasons = batch.column("skip_reason").cast(pa.string()).filter(pa.array(has_reason))
         for item in pc.value_counts(reasons).to_pylist():
             skipped[item["values"]] = item["counts"]
-    n_missing = int((~scored & ~has_reason).sum())
+    n_missing = int((~scored & ~has_reason & ~later).sum())
     if n_missing:
         skipped[MISSING_SCORE] = n_missing
     n = int(scored.sum())
@@ -202,9 +260,14 @@ def _partial_stats(batch: pa.Table, columns: list[str]) -> pa.Table:
                      "mean": [mean.tolist()], "m2": [m2.tolist()]})
 
 
-def _column_statistics(influence: ray.data.Dataset, columns: list[str]) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """Stream over the table once; return (counts, mean [m], population std [m]) for ``columns``."""
-    partials = influence.map_batches(_partial_stats, fn_kwargs={"columns": columns}, batch_format="pyarrow")
+def _column_statistics(influence: ray.data.Dataset, columns: list[str], first_copies: Optional[dict[str, str]] = None
+                       ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Stream over the table once; return (counts, mean [m], population std [m]) for ``columns``.
+
+    Rows that :func:`_later_copy_mask` flags against ``first_copies`` count as skipped "duplicate".
+    """
+    partials = influence.map_batches(_partial_stats, fn_kwargs={"columns": columns, "first_copies": first_copies},
+                                     batch_format="pyarrow")
     read = scored = 0
     skipped: dict[str, int] = {}
     mean = np.zeros(len(columns))
@@ -238,10 +301,11 @@ def _column_statistics(influence: ray.data.Dataset, columns: list[str]) -> tuple
 
 def _score_batch(batch: pa.Table, *, columns: list[str], mean: list[float], std: list[float],
                  group_coefficients: list[list[float]], density_coefficients: list[float],
-                 sample_columns: list[str]) -> pa.Table:
+                 sample_columns: list[str], first_copies: Optional[dict[str, str]] = None) -> pa.Table:
     """Keep the scored rows of a batch with their group ranking scores and log density."""
     values = _influence_values(batch, columns)
     scored, _ = _scored_mask(batch, values)
+    scored &= ~_later_copy_mask(batch, scored, first_copies)
     kept = batch.filter(pa.array(scored))
     z = (values[scored] - np.asarray(mean)) / np.asarray(std)  # [rows, columns]
     out = {name: kept.column(name) for name in sample_columns}
@@ -386,12 +450,17 @@ def _check_inputs(influence: ray.data.Dataset, selected: dict[str, str], columns
 
 
 def build_mixture(influence: ray.data.Dataset, *, selected: dict[str, str], config: MixtureConfig,
-                  output_dir: str) -> MixtureResult:
+                  output_dir: str, duplicates: str = "keep") -> MixtureResult:
     """Standardise, rank, regroup and weigh the scored samples; write one Parquet file per group.
 
     ``selected`` maps each task to its artifact checkpoint c*(t). Group files go to
     ``output_dir/groups/<name>.parquet``; the returned groups hold paths relative to ``output_dir``.
+    ``duplicates`` is the ``corpus.duplicates`` policy. With "drop" only the first copy (smallest
+    location) of each sample_id is ranked and the others count as skipped "duplicate". With "keep"
+    every copy is ranked.
     """
+    if duplicates not in DUPLICATE_POLICIES:
+        raise ValueError(f"duplicates={duplicates!r} is invalid; allowed values: 'keep', 'drop'")
     tasks = list(selected)
     artifacts = sorted(set(selected.values()))
     columns = [influence_column(checkpoint, task) for checkpoint in artifacts for task in tasks]
@@ -401,14 +470,21 @@ def build_mixture(influence: ray.data.Dataset, *, selected: dict[str, str], conf
     # spills to disk when full) instead of reading the table twice.
     influence = influence.select_columns([*sample_columns, "skip_reason", *columns]).materialize()
 
-    counts, mean, std = _column_statistics(influence, columns)
+    first_copies, n_copies = find_first_copies(influence, columns)
+    if n_copies:
+        logger.warning("influence table: %d sample id(s) occur more than once among scored rows (%d extra "
+                       "copies); corpus.duplicates=%s, so they are %s", len(first_copies), n_copies, duplicates,
+                       "counted as skipped 'duplicate'" if duplicates == "drop" else "all ranked")
+    dropped = first_copies if duplicates == "drop" else None
+    counts, mean, std = _column_statistics(influence, columns, dropped)
+    counts["duplicates"] = n_copies
     logger.info("influence table: %d read, %d scored, skipped %s", counts["read"], counts["scored"], counts["skipped"])
     plans = _plan_groups(selected, columns, task_weights, config.group_by)
     scored = influence.map_batches(_score_batch, batch_format="pyarrow", fn_kwargs={
         "columns": columns, "mean": mean.tolist(), "std": std.tolist(),
         "group_coefficients": [plan.coefficients for plan in plans],
         "density_coefficients": _density_coefficients(selected, columns, task_weights, config.beta),
-        "sample_columns": sample_columns,
+        "sample_columns": sample_columns, "first_copies": dropped,
     }).materialize()
     del influence  # the scored rows are materialised, so the projected table can be freed
 
