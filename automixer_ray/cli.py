@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with no --checkpoints: steps of the proxy trained first (default 300)")
     _add_common(run)
 
+    refresh = commands.add_parser(
+        "refresh", help="score only new or changed shards, then write a new manifest version")
+    _add_job_inputs(refresh)
+    _add_common(refresh)
+
     export = commands.add_parser("export", help="write a manifest's group weights in another tool's format")
     export.add_argument("--manifest", required=True, metavar="URI", help="manifest.json of a finished job")
     export.add_argument("--format", required=True, choices=["hf-interleave", "megatron"], help="target format")
@@ -105,14 +110,14 @@ def _job_config(args: argparse.Namespace):
     return with_overrides(config, overrides)
 
 
-def _command_run(args: argparse.Namespace) -> int:
+def _command_run(args: argparse.Namespace, *, refresh: bool = False) -> int:
     from automixer_ray.pipeline import run_job
 
     config = _job_config(args)
-    if not config.checkpoints.uris and config.corpus.uris:
+    if not refresh and not config.checkpoints.uris and config.corpus.uris:
         config = _train_default_proxy(config, steps=args.proxy_steps)
-    result = run_job(config)
-    print(f"manifest: {result.manifest_uri}")
+    result = run_job(config, refresh=refresh)
+    print(f"manifest: {result.manifest_uri} (version {result.version})")
     print(f"report:   {result.report_uri}/summary.md")
     return 0
 
@@ -137,10 +142,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from automixer_ray.checkpoints import CheckpointError
     from automixer_ray.config import ConfigError
+    from automixer_ray.corpus import CorpusError
+    from automixer_ray.outputs import OutputError
+    from automixer_ray.tasks import TaskError
 
     try:
         return _dispatch(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as error:
+    except (ConfigError, CheckpointError, CorpusError, TaskError, OutputError, FileNotFoundError) as error:
         logger.error("%s", error)
         return 2
 
@@ -174,6 +182,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "run":
         return _command_run(args)
+    if args.command == "refresh":
+        return _command_run(args, refresh=True)
     if args.command == "export":
         from automixer_ray.export import export_manifest
 

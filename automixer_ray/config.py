@@ -57,7 +57,11 @@ class CorpusConfig:
     # Tokens per sample; longer documents are cut into chunks. None uses the model's context size.
     chunk_num_tokens: Optional[int] = None
     # Keep at most this many samples, drawn by a seeded hash of the sample id. None keeps all.
+    # Finding the threshold takes one extra pass over the corpus, and it moves as the corpus grows.
     max_samples: Optional[int] = None
+    # Keep each sample with this probability, by the same seeded hash: a per-shard decision that
+    # stays the same as the corpus grows, so refreshes rescore only new shards. None keeps all.
+    sample_fraction: Optional[float] = None
     sample_seed: int = 0
     # Undecodable UTF-8 bytes: "replace" them (counted) or "skip" the record (counted).
     decode_errors: Literal["replace", "skip"] = "replace"
@@ -72,6 +76,10 @@ class CorpusConfig:
             _check_range("corpus.chunk_num_tokens", self.chunk_num_tokens, low=2)
         if self.max_samples is not None:
             _check_range("corpus.max_samples", self.max_samples, low=1)
+        if self.sample_fraction is not None:
+            _check_range("corpus.sample_fraction", self.sample_fraction, low=0.0, high=1.0, low_open=True)
+            if self.max_samples is not None:
+                raise ConfigError("corpus.max_samples and corpus.sample_fraction are both set; set one of them")
         if not self.text_field:
             raise ConfigError("corpus.text_field is empty; set it to the record field that holds the text")
 
@@ -152,22 +160,22 @@ class InfluenceConfig:
     keep_layers: Union[int, float] = 0.5
     # Samples per scoring batch; padded to the longest sample in the batch.
     batch_size: int = 16
+    # Padded tokens per scoring batch (samples x longest sample); None limits by batch_size only.
+    # A batch that still runs out of memory is split in half and retried.
+    max_batch_tokens: Optional[int] = None
 
     def __post_init__(self) -> None:
         _check_choice("influence.metric", self.metric, ("cosine", "dot"))
+        if self.max_batch_tokens is not None:
+            _check_range("influence.max_batch_tokens", self.max_batch_tokens, low=1)
         if isinstance(self.keep_layers, bool):
             raise ConfigError("influence.keep_layers must be a count (int >= 1) or a fraction in (0, 1]")
         if isinstance(self.keep_layers, int):
             _check_range("influence.keep_layers", self.keep_layers, low=1)
         else:
-    # Padded tokens per scoring batch (samples x longest sample); None limits by batch_size only.
-    # A batch that still runs out of memory is split in half and retried.
-    max_batch_tokens: Optional[int] = None
             _check_range("influence.keep_layers", self.keep_layers, low=0.0, high=1.0, low_open=True)
         _check_range("influence.batch_size", self.batch_size, low=1)
 
-        if self.max_batch_tokens is not None:
-            _check_range("influence.max_batch_tokens", self.max_batch_tokens, low=1)
 
 @dataclass(kw_only=True)
 class MixtureConfig:
@@ -212,6 +220,9 @@ class RayConfig:
     num_gpus_per_actor: Optional[float] = None
     # CPUs per scoring actor on a CPU-only cluster.
     num_cpus_per_actor: float = 1.0
+    # Shards scored per Ray Data execution. Each finished wave is recorded, so a restarted job
+    # redoes at most one wave. None splits the pending shards into four waves.
+    shards_per_wave: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.actors_per_checkpoint is not None:
@@ -219,6 +230,79 @@ class RayConfig:
         if self.num_gpus_per_actor is not None:
             _check_range("ray.num_gpus_per_actor", self.num_gpus_per_actor, low=0.0)
         _check_range("ray.num_cpus_per_actor", self.num_cpus_per_actor, low=0.0, low_open=True)
+        if self.shards_per_wave is not None:
+            _check_range("ray.shards_per_wave", self.shards_per_wave, low=1)
+
+
+SIMULATION_BASELINES = ("uniform", "source_proportional")
+
+
+@dataclass(kw_only=True)
+class SimulationConfig:
+    """Proxy simulation: candidate mixtures, the proxy trained on each, and its held-out evaluation."""
+
+    # Grid of candidate mixtures: one AutoMixer candidate per (top_k_percent, beta) pair.
+    top_k_percents: list[float] = field(default_factory=lambda: [25.0, 50.0])
+    betas: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    # Training seeds; every candidate trains once per seed (same initial weights for a seed).
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # Tokens each proxy trains on; also the token budget of every candidate mixture.
+    token_budget: int = 200_000
+    arch: Literal["gpt2", "llama"] = "gpt2"
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_heads: int = 2
+    context_length: int = 128
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    # Evaluate on the eval splits every this many optimizer steps, and after the last step.
+    eval_every: int = 50
+    # Cap on the eval-split examples per task (seeded choice). None uses all.
+    max_eval_examples: Optional[int] = 200
+    # Baseline mixtures; "uniform" is required because every candidate is compared with it.
+    baselines: list[str] = field(default_factory=lambda: list(SIMULATION_BASELINES))
+    # Proxies trained at the same time; None sizes it from the cluster (GPUs, or CPUs minus one).
+    max_parallel: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        for key in ("top_k_percents", "betas", "seeds", "baselines"):
+            values = getattr(self, key)
+            if len(set(values)) != len(values):
+                raise ConfigError(f"simulation.{key}={values} lists a value more than once; list each once")
+        if not self.top_k_percents or not self.betas:
+            raise ConfigError("simulation.top_k_percents and simulation.betas must each list at least one value")
+        for value in self.top_k_percents:
+            _check_range("simulation.top_k_percents[]", value, low=0.0, high=100.0, low_open=True)
+        for value in self.betas:
+            _check_range("simulation.betas[]", value, low=0.0)
+        if not self.seeds:
+            raise ConfigError("simulation.seeds is empty; list at least one seed (three or more to see the spread)")
+        for name in self.baselines:
+            _check_choice("simulation.baselines[]", name, SIMULATION_BASELINES)
+        if "uniform" not in self.baselines:
+            raise ConfigError(f"simulation.baselines={self.baselines} lacks 'uniform'; every candidate is "
+                              "compared with uniform sampling, so keep it in the list")
+        _check_choice("simulation.arch", self.arch, ("gpt2", "llama"))
+        for key in ("num_layers", "hidden_size", "num_heads", "batch_size", "eval_every"):
+            _check_range(f"simulation.{key}", getattr(self, key), low=1)
+        _check_range("simulation.context_length", self.context_length, low=2)
+        _check_range("simulation.learning_rate", self.learning_rate, low=0.0, low_open=True)
+        if self.hidden_size % self.num_heads != 0:
+            raise ConfigError(f"simulation.hidden_size={self.hidden_size} is not divisible by "
+                              f"simulation.num_heads={self.num_heads}; pick a head count that divides the width")
+        step_tokens = self.batch_size * self.context_length
+        if self.token_budget < step_tokens:
+            raise ConfigError(f"simulation.token_budget={self.token_budget} is less than one step of "
+                              f"batch_size x context_length = {step_tokens} tokens; raise the budget")
+        if self.max_eval_examples is not None:
+            _check_range("simulation.max_eval_examples", self.max_eval_examples, low=1)
+        if self.max_parallel is not None:
+            _check_range("simulation.max_parallel", self.max_parallel, low=1)
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps of each proxy: the token budget in whole [batch_size, context_length] batches."""
+        return self.token_budget // (self.batch_size * self.context_length)
 
 
 @dataclass(kw_only=True)
@@ -234,6 +318,7 @@ class JobConfig:
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def validate_inputs(self) -> None:
         """Check that the inputs a run needs are named; call before starting work."""

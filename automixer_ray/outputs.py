@@ -8,12 +8,9 @@ results so that two jobs' files never mix.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import uuid
 from dataclasses import dataclass
-from typing import Any
 
 import fsspec
 import yaml
@@ -54,6 +51,19 @@ class OutputLayout:
     def manifest(self) -> str:
         return self.path("manifest.json")
 
+    def version_dir(self, version: int) -> str:
+        return self.path("manifests", f"v{version:06d}")
+
+
+def next_version(layout: OutputLayout) -> int:
+    """Return the number of the next manifest version (1 for the first)."""
+    fs, path = filesystem(layout.path("manifests"))
+    if not fs.exists(path):
+        return 1
+    numbers = [int(name.rsplit("/", 1)[-1][1:]) for name in fs.ls(path, detail=False)
+               if name.rsplit("/", 1)[-1].startswith("v") and name.rsplit("/", 1)[-1][1:].isdigit()]
+    return max(numbers, default=0) + 1
+
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, path = fsspec.core.url_to_fs(uri)
@@ -68,11 +78,12 @@ def full_uri(uri: str) -> str:
     return uri
 
 
-def claim_output(config: JobConfig, *, overwrite: bool) -> OutputLayout:
+def claim_output(config: JobConfig, *, overwrite: bool, allow_config_change: bool = False) -> OutputLayout:
     """Create or reuse the output folder for ``config``; refuse another job's folder unless ``overwrite``.
 
     A folder made by the same config (same fingerprint) is reused, which lets a restarted job reuse
-    what it had finished.
+    what it had finished. A refresh (``allow_config_change``) may also take over a folder of this
+    job made with an earlier config: its cached rows are checked shard by shard, not trusted whole.
     """
     layout = OutputLayout(root=config.output.uri.rstrip("/"))
     fs, root = filesystem(layout.root)
@@ -81,6 +92,11 @@ def claim_output(config: JobConfig, *, overwrite: bool) -> OutputLayout:
         previous = _recorded_fingerprint(layout)
         if previous == fingerprint:
             logger.info("output folder %s belongs to this config (fingerprint %s); reusing it", layout.root, fingerprint)
+            return layout
+        if previous is not None and allow_config_change:
+            logger.warning("refreshing %s with a changed config (fingerprint %s -> %s)",
+                           layout.root, previous, fingerprint)
+            save_resolved_config(config, layout.job_file)
             return layout
         if not overwrite:
             what = f"the results of another job (config fingerprint {previous})" if previous else "other files"
@@ -102,14 +118,3 @@ def _recorded_fingerprint(layout: OutputLayout) -> str | None:
     with fs.open(path, "r", encoding="utf-8") as handle:
         data = yaml.safe_load(handle) or {}
     return data.get("fingerprint")
-
-
-def write_json_atomic(uri: str, payload: Any) -> None:
-    """Write JSON so that readers see either the old file or the whole new one, never a part."""
-    fs, path = filesystem(uri)
-    parent = os.path.dirname(path)
-    fs.makedirs(parent, exist_ok=True)
-    temp = f"{parent}/.{os.path.basename(path)}.{uuid.uuid4().hex}.tmp"
-    with fs.open(temp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=False, default=str)
-    fs.mv(temp, path)

@@ -100,9 +100,14 @@ def plan_pools(
         max_actors = max(1, int(cpus_per_pool // cpus))
     num_actors = max_actors if actors_per_pool is None else actors_per_pool
     if actors_per_pool is not None and actors_per_pool > max_actors:
-        logger.warning("ray.actors_per_checkpoint=%d exceeds the %d actors per pool that fit beside the read "
-                       "tasks on this cluster (%s CPUs, %s GPUs); Ray will queue the extra actors",
-                       actors_per_pool, max_actors, total_cpus, total_gpus)
+        if num_gpus_per_actor > 0:
+            raise ValueError(f"ray.actors_per_checkpoint={actors_per_pool} needs {actors_per_pool * num_pools} GPUs "
+                             f"for {num_pools} pools but the cluster has {total_gpus}; lower it or leave it unset")
+        # A fixed-size pool waits for all its actors, so shrink each actor's CPU share until they fit.
+        cpus = cpus_per_pool / actors_per_pool
+        logger.warning("ray.actors_per_checkpoint=%d is more than the %d actors per pool that fit beside the read "
+                       "tasks (%s CPUs); each actor gets %.2f CPU instead", actors_per_pool, max_actors,
+                       total_cpus, cpus)
     plan = PoolPlan(num_actors=num_actors, num_cpus_per_actor=cpus, num_gpus_per_actor=num_gpus_per_actor,
                     num_threads_per_actor=max(1, math.floor(cpus)))
     logger.info("scoring pools: %d pool(s) x %d actor(s), %.2f CPU and %.2f GPU per actor (cluster: %s CPUs, %s GPUs)",

@@ -76,7 +76,9 @@ class SampleBuilder(ChunkAndTokenize):
 
 def _records(config: JobConfig, shards: list) -> ray.data.Dataset:
     items = [{"uri": s.uri, "format": s.format, "source": s.source} for s in shards]
-    return ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 512))).flat_map(
+    # A read task takes several small shards, which keeps per-task overhead low for corpora of
+    # many small files (one news article a file); large shards are split by Ray Data's block sizing.
+    return ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64))).flat_map(
         _read_shard_rows,
         fn_kwargs={"text_field": config.corpus.text_field, "source_field": config.corpus.source_field,
                    "decode_errors": config.corpus.decode_errors},

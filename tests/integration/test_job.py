@@ -68,7 +68,8 @@ def test_counts_add_up(finished_job):
     assert counts["read"] == counts["scored"] + sum(counts["skipped"].values())
     table = pd.read_parquet(os.path.join(result.output_uri, "influence"))
     assert len(table) == counts["read"]
-    assert table["sample_id"].is_unique
+    # The same text at two locations (a licence header shared by books) has one sample id.
+    assert not table.duplicated(["sample_id", "location"]).any()
 
 
 def test_all_sources_scored(finished_job):
