@@ -168,7 +168,8 @@ def run_job(config: JobConfig, *, refresh: bool = False) -> JobResult:
     influence = ray.data.read_parquet(files)
     version = next_version(layout)
     version_dir = layout.version_dir(version)
-    mixture = build_mixture(influence, selected=selected, config=config.mixture, output_dir=version_dir)
+    mixture = build_mixture(influence, selected=selected, config=config.mixture, output_dir=version_dir,
+                            duplicates=config.corpus.duplicates)
     manifest = _manifest(config, checkpoints, matrix, plan, mixture, version=version,
                          influence_files=[_relative(layout.root, uri) for uri in files])
     write_manifest(version_dir, manifest)

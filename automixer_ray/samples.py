@@ -149,6 +149,7 @@ def score_samples(config: JobConfig, samples: ray.data.Dataset, plan) -> ray.dat
                 "identity": plan.identities[info.name],
                 "metric": config.influence.metric,
                 "batch_size": config.influence.batch_size,
+                "max_batch_tokens": config.influence.max_batch_tokens,
                 "num_threads": pools.num_threads_per_actor,
                 "allow_pickle": config.checkpoints.allow_pickle,
                 "trust_remote_code": config.checkpoints.trust_remote_code,
