@@ -389,13 +389,18 @@ def read_shard(shard: Shard, *, text_field: str = "text", source_field: Optional
         records = iter([_make_record(shard, 0, text, shard.source, replaced, reason)])
     else:
         raise CorpusError(f"shard {shard.uri} has format {shard.format!r}; allowed: jsonl, parquet, text")
-    count = 0
+    count = replaced = 0
     for record in records:
         count += 1
+        replaced += bool(record["decode_replaced"])
         yield record
     if count == 0:
         # An empty file loses nothing, but a user who expected data there should hear of it.
         logger.warning("corpus file %s contains no records", shard.uri)
+    if replaced:
+        logger.warning("corpus file %s: %d of %d records had invalid UTF-8, replaced with U+FFFD "
+                       "(corpus.decode_errors=replace; set it to skip to drop such records)",
+                       shard.uri, replaced, count)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -360,3 +360,43 @@ def test_duplicates_policy_invalid(ray_local, shared_data, tmp_path):
     with pytest.raises(ValueError, match="duplicates='dedup' is invalid"):
         build_mixture(ray_local.data.from_pandas(frame), selected={"arc_easy": "checkpoint-100"},
                       config=MixtureConfig(), output_dir=str(tmp_path / "out"), duplicates="dedup")
+
+
+def test_mixed_tokenizers_rejected(tmp_path, tiny_gpt2_dir):
+    shutil.copytree(tiny_gpt2_dir, tmp_path / "checkpoint-000001")
+    other = tmp_path / "checkpoint-000002"
+    shutil.copytree(tiny_gpt2_dir, other)
+    # Swap the ids of two vocabulary entries: same architecture, a different tokenizer.
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[300:302]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(CheckpointError, match="checkpoint-000001 and checkpoint-000002 have different tokenizers"):
+        discover_checkpoints([str(tmp_path)])
+
+
+# ---------------------------------------------------------------- corpus files
+
+
+def test_empty_and_replaced_files_logged(tmp_path, shared_data, caplog):
+    from automixer_ray.corpus import list_shards, read_shard
+
+    news = sorted((shared_data / "corpus" / "news").glob("*/*.txt"))[0].read_text(encoding="utf-8")[:300]
+    folder = tmp_path / "corpus" / "news"
+    folder.mkdir(parents=True)
+    (folder / "empty.jsonl").write_bytes(b"")
+    lines = [json.dumps({"text": news}).encode(), b'{"text": "caf\xe9 ' + json.dumps(news[:50])[1:-1].encode() + b'"}']
+    (folder / "latin1.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    shards = {shard.uri.rsplit("/", 1)[-1]: shard for shard in list_shards([str(tmp_path / "corpus")])}
+
+    with caplog.at_level(logging.WARNING, logger="automixer_ray.corpus"):
+        assert list(read_shard(shards["empty.jsonl"])) == []
+        records = list(read_shard(shards["latin1.jsonl"]))
+        skipped = list(read_shard(shards["latin1.jsonl"], decode_errors="skip"))
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("empty.jsonl contains no records" in message for message in messages)
+    assert sum("latin1.jsonl: 1 of 2 records had invalid UTF-8" in message for message in messages) == 1
+    assert [record["skip_reason"] for record in records] == [None, None]
+    assert records[1]["text"].startswith("caf\ufffd ")
+    assert [record["skip_reason"] for record in skipped] == [None, "invalid_utf8"]
