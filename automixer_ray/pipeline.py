@@ -165,7 +165,7 @@ def run_job(config: JobConfig, *, refresh: bool = False) -> JobResult:
     if not files:
         raise OutputError(f"the corpus gave no samples to score ({len(shards)} shards); "
                           "check corpus.uris and corpus.text_field")
-    influence = ray.data.read_parquet(files)
+    influence = read_influence(files)
     version = next_version(layout)
     version_dir = layout.version_dir(version)
     mixture = build_mixture(influence, selected=selected, config=config.mixture, output_dir=version_dir,
@@ -185,6 +185,21 @@ def run_job(config: JobConfig, *, refresh: bool = False) -> JobResult:
                 report_files[0] if report_files else "none")
     return JobResult(output_uri=layout.root, manifest_uri=manifest_uri, version=version,
                      report_uri=f"{version_dir}/report", counts=mixture.counts)
+
+
+def read_influence(files: list[str]) -> ray.data.Dataset:
+    """Open influence Parquet files as a dataset, through fsspec for object stores.
+
+    Going through fsspec means Ray's readers use the same credentials and endpoint settings
+    (``AWS_ENDPOINT_URL`` and the like) as every other read and write of the job.
+    """
+    fs, _ = fsspec.core.url_to_fs(files[0])
+    if "file" in fs.protocol or "local" in fs.protocol:
+        return ray.data.read_parquet(files)
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    paths = [fsspec.core.url_to_fs(uri)[1] for uri in files]
+    return ray.data.read_parquet(paths, filesystem=PyFileSystem(FSSpecHandler(fs)))
 
 
 def _has_manifest(uri: str) -> bool:

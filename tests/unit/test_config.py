@@ -97,3 +97,14 @@ def test_bad_yaml_file_is_reported(tmp_path):
         load_config(str(path))
     with pytest.raises(ConfigError, match="not found"):
         load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_every_key_documented():
+    """docs/CONFIG.md lists every config key, so a new key cannot ship undocumented."""
+    import dataclasses
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "CONFIG.md").read_text()
+    for section in dataclasses.fields(JobConfig):
+        for key in dataclasses.fields(section.type if isinstance(section.type, type) else section.default_factory):
+            assert f"{key.name}:" in text, f"{section.name}.{key.name}"
