@@ -277,11 +277,13 @@ class SimulationConfig:
             _check_range("simulation.betas[]", value, low=0.0)
         if not self.seeds:
             raise ConfigError("simulation.seeds is empty; list at least one seed (three or more to see the spread)")
+
         for name in self.baselines:
             _check_choice("simulation.baselines[]", name, SIMULATION_BASELINES)
         if "uniform" not in self.baselines:
             raise ConfigError(f"simulation.baselines={self.baselines} lacks 'uniform'; every candidate is "
                               "compared with uniform sampling, so keep it in the list")
+
         _check_choice("simulation.arch", self.arch, ("gpt2", "llama"))
         for key in ("num_layers", "hidden_size", "num_heads", "batch_size", "eval_every"):
             _check_range(f"simulation.{key}", getattr(self, key), low=1)
@@ -290,6 +292,7 @@ class SimulationConfig:
         if self.hidden_size % self.num_heads != 0:
             raise ConfigError(f"simulation.hidden_size={self.hidden_size} is not divisible by "
                               f"simulation.num_heads={self.num_heads}; pick a head count that divides the width")
+
         step_tokens = self.batch_size * self.context_length
         if self.token_budget < step_tokens:
             raise ConfigError(f"simulation.token_budget={self.token_budget} is less than one step of "
