@@ -156,13 +156,19 @@ def _chosen_manifest(manifest_uri: str, candidate: str) -> dict[str, Any]:
 
 def write_simulation_report(results: pd.DataFrame, candidates: list, *, metric: str, simulation_dir: str,
                             settings: SimulationConfig) -> SimulationReport:
-    """Write ``report/simulation.md``, ``report/learning_curve.png`` and ``chosen_manifest.json``."""
+    """Write ``report/simulation.md``, ``report/learning_curve.png`` and ``chosen_manifest.json``.
+
+    The learning curve shows the chosen candidate, the best AutoMixer candidate and uniform.
+    """
     summary = summarize(results, metric)
     chosen = choose_candidate(summary, metric)
     report_dir = join_uri(simulation_dir, "report")
     fs, path = fsspec.core.url_to_fs(report_dir)
     fs.makedirs(path, exist_ok=True)
-    shown = [chosen] if chosen == BASELINE else [chosen, BASELINE]
+    automixer = [candidate.name for candidate in candidates if candidate.kind == "automixer"]
+    best_automixer = choose_candidate(summary[summary["candidate"].isin(automixer)], metric) if automixer else None
+    # The chosen mixture, the best AutoMixer candidate (when a baseline won) and uniform, each once.
+    shown = list(dict.fromkeys(name for name in (chosen, best_automixer, BASELINE) if name is not None))
     curve_uri = plot_learning_curves(results, metric, shown, join_uri(report_dir, "learning_curve.png"))
 
     by_name = {candidate.name: candidate for candidate in candidates}
