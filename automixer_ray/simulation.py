@@ -121,6 +121,31 @@ def eval_splits(tasks: TasksConfig, max_examples: Optional[int]) -> tuple[dict[s
     return examples, influence_ids
 
 
+def drop_unscorable(examples: dict[str, list[Example]], tokenizer_path: str,
+                    context_length: int) -> dict[str, list[Example]]:
+    """Drop eval examples with a choice whose continuation has more tokens than the proxy's context.
+
+    ``evaluation.score_examples`` rejects such an example, and a proxy cannot score it anyway. The
+    same examples are dropped for every candidate, so the comparison stays paired.
+    """
+    from automixer_ray.checkpoints import load_tokenizer
+    from automixer_ray.evaluation import encode_pair
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    kept: dict[str, list[Example]] = {}
+    for task, chosen in examples.items():
+        kept[task] = [example for example in chosen
+                      if all(len(encode_pair(tokenizer, example.context_for(i), choice)[1]) <= context_length
+                             for i, choice in enumerate(example.choices))]
+        if len(kept[task]) < len(chosen):
+            logger.warning("task %s: dropped %d of %d eval examples whose continuation exceeds the proxy context "
+                           "of %d tokens", task, len(chosen) - len(kept[task]), len(chosen), context_length)
+        if not kept[task]:
+            raise ValueError(f"task {task}: no eval example fits the proxy context of {context_length} tokens; "
+                             "raise simulation.context_length")
+    return kept
+
+
 # ---------------------------------------------------------------- candidates
 
 
@@ -430,13 +455,14 @@ def run_simulation(config: JobConfig, *, output_uri: str | None = None) -> Simul
     job_manifest = _ensure_job(config, output_uri)
     simulation_dir = join_uri(output_uri, "simulation")
     job_tasks = TasksConfig(**job_manifest["config"]["tasks"])
+    checkpoint_paths = {entry["name"]: entry["path"] for entry in job_manifest["checkpoints"]}
+    tokenizer_path = checkpoint_paths[job_manifest["artifact_checkpoints"][0]]
     examples, _ = eval_splits(job_tasks, settings.max_eval_examples)
+    examples = drop_unscorable(examples, tokenizer_path, settings.context_length)
     _write_eval_ids(examples, join_uri(simulation_dir, "eval_examples.parquet"))
 
     candidates = build_candidates(job_manifest, config, influence_uri=join_uri(output_uri, "influence"),
                                   simulation_dir=simulation_dir)
-    checkpoint_paths = {entry["name"]: entry["path"] for entry in job_manifest["checkpoints"]}
-    tokenizer_path = checkpoint_paths[job_manifest["artifact_checkpoints"][0]]
     outputs = _run_trainings(candidates, settings, examples, tokenizer_path=tokenizer_path,
                              runs_dir=join_uri(simulation_dir, "runs"),
                              eval_batch_size=config.evaluation.batch_size)

@@ -127,3 +127,18 @@ def test_markdown_table_marks_small_differences():
     assert lines["automixer_k50_b1"].endswith("better |")
     assert lines["uniform"].endswith("baseline |")
     assert "**automixer_k50_b1**" in table
+
+
+def test_long_continuations_are_dropped(shared_data, tokenizer_dir):
+    from automixer_ray.evaluation import encode_pair
+    from automixer_ray.simulation import drop_unscorable
+    from transformers import AutoTokenizer
+
+    tasks = TasksConfig(root=str(shared_data / "tasks"), names=["piqa"], max_influence_examples=8)
+    examples, _ = eval_splits(tasks, max_examples=40)
+    kept = drop_unscorable(examples, tokenizer_dir, context_length=16)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert 0 < len(kept["piqa"]) < len(examples["piqa"])
+    for example in kept["piqa"]:
+        for i, choice in enumerate(example.choices):
+            assert len(encode_pair(tokenizer, example.context_for(i), choice)[1]) <= 16
