@@ -41,7 +41,8 @@ def fault_config(corpus, proxy_run, tasks_dir, output) -> dict:
         "influence": {"batch_size": 2},
         "mixture": {"top_k_percent": 50.0, "beta": 1.0},
         "output": {"uri": str(output)},
-        # One scoring wave: each wave starts its own actor pools, which dominates a job this small.
+        # One scoring wave, because each wave starts its own actor pools, which costs more than
+        # scoring a corpus this small.
         "ray": {"shards_per_wave": 64},
     }
 
