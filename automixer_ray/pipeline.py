@@ -24,7 +24,7 @@ import ray
 import ray.data
 
 from automixer_ray import corpus
-from automixer_ray.checkpoints import CheckpointInfo, discover_checkpoints
+from automixer_ray.checkpoints import CheckpointInfo, check_remote_code, discover_checkpoints
 from automixer_ray.config import JobConfig
 from automixer_ray.evaluation import capability_matrix, format_matrix, select_checkpoints
 from automixer_ray.influence import (
@@ -146,6 +146,8 @@ def run_job(config: JobConfig, *, refresh: bool = False) -> JobResult:
                 config.tasks.root or sorted(config.tasks.files), config.output.uri)
     shards = corpus.list_shards(config.corpus.uris, format=config.corpus.format)
     checkpoints = discover_checkpoints(config.checkpoints.uris, allow_pickle=config.checkpoints.allow_pickle)
+    for info in checkpoints:
+        check_remote_code(info.path, trust_remote_code=config.checkpoints.trust_remote_code)
     splits = prepare_task_splits(config.tasks)
     if refresh and not _has_manifest(config.output.uri):
         raise OutputError(f"nothing to refresh: {config.output.uri} has no manifest.json; "

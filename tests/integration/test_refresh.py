@@ -34,9 +34,12 @@ def _corpus(root: Path, shared_data: Path, files) -> Path:
 
 
 def _config(corpus_dir: Path, shared_data: Path, checkpoints: str, output: Path, **ray_settings) -> dict:
+    # Two checkpoints of the proxy run keep each job short while still scoring in two actor pools
+    # whenever the two tasks pick different checkpoints.
+    run = Path(checkpoints)
     return {
         "corpus": {"uris": [str(corpus_dir)]},
-        "checkpoints": {"uris": [str(checkpoints)]},
+        "checkpoints": {"uris": [str(run / "checkpoint-000050"), str(run / "checkpoint-000150")]},
         "tasks": {"root": str(shared_data / "tasks"), "names": ["boolq", "piqa"], "max_influence_examples": 8},
         "influence": {"batch_size": ray_settings.pop("batch_size", 4)},
         "mixture": {"top_k_percent": 50.0, "beta": 1.0, "token_budget": 6000},
@@ -55,7 +58,9 @@ def _groups(manifest_uri: str) -> dict:
             "weight": group["weight"],
             "epochs": group["epochs"],
             "n_tokens": group["n_tokens"],
-            "ranked": list(zip(table["rank"], table["sample_id"], table["location"])),
+            # Runs read copies of the corpus in different folders: compare locations below the root.
+            "ranked": [(rank, sample_id, location.split("/news/", 1)[1])
+                       for rank, sample_id, location in zip(table["rank"], table["sample_id"], table["location"])],
         }
     return result
 
@@ -95,7 +100,7 @@ def test_refresh_scores_only_new_shard(tmp_path, shared_data, proxy_run, baselin
         second = run_job(config, refresh=True)
     total = len(NEWS_FILES)
     assert f"{total - 1} of {total} shards reused, 1 to score" in caplog.text
-    assert f"1 samples from 1 shards" in caplog.text or "from 1 shards recorded as complete" in caplog.text
+    assert "from 1 shards recorded as complete" in caplog.text
     assert second.version == 2
     assert read_manifest(second.manifest_uri)["version"] == 2
     old = tmp_path / "out" / "manifests" / "v000001" / "manifest.json"
