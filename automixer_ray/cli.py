@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_inputs(refresh)
     _add_common(refresh)
 
+    simulate = commands.add_parser(
+        "simulate", help="train proxies on candidate mixtures and compare them on held-out examples")
+    _add_job_inputs(simulate)
+    _add_common(simulate)
+
     export = commands.add_parser("export", help="write a manifest's group weights in another tool's format")
     export.add_argument("--manifest", required=True, metavar="URI", help="manifest.json of a finished job")
     export.add_argument("--format", required=True, choices=["hf-interleave", "megatron"], help="target format")
@@ -184,6 +189,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _command_run(args)
     if args.command == "refresh":
         return _command_run(args, refresh=True)
+    if args.command == "simulate":
+        from automixer_ray.simulation import run_simulation
+
+        result = run_simulation(_job_config(args))
+        print(f"chosen mixture: {result.chosen} ({result.chosen_manifest_uri})")
+        print(f"report:         {result.report_uri}")
+        return 0
     if args.command == "export":
         from automixer_ray.export import export_manifest
 
