@@ -336,8 +336,17 @@ class JobConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """Return a short hash of the resolved config; equal configs have equal fingerprints."""
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """Return a short hash of the settings that decide the mixture.
+
+        Where and how the job runs (``ray``), ``output.overwrite`` and the ``simulation`` settings
+        are left out: changing them changes no manifest, so a rerun that only changes them may
+        reuse the same output folder.
+        """
+        data = self.to_dict()
+        for section in ("ray", "simulation"):
+            data.pop(section, None)
+        data["output"].pop("overwrite", None)
+        text = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 

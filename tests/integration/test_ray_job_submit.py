@@ -8,6 +8,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,8 @@ def ray_head(tmp_path):
     env.update({
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": secrets.token_hex(32),
-        "RAY_TMPDIR": str(tmp_path / "ray"),
+        # Ray's socket paths must stay under the 107-byte AF_UNIX limit, so its folder is short.
+        "RAY_TMPDIR": tempfile.mkdtemp(prefix="amray-", dir="/tmp"),
         "RAY_USAGE_STATS_ENABLED": "0",
     })
     env.pop("RAY_ADDRESS", None)

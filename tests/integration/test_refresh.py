@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -135,19 +136,25 @@ def test_killed_job_resumes_to_identical_manifest(tmp_path, shared_data, proxy_r
     data = _config(full_corpus, shared_data, proxy_run, output, actors_per_checkpoint=1, shards_per_wave=2)
     config_path = tmp_path / "job.yaml"
     config_path.write_text(yaml.safe_dump(data))
-    env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "ray")}
+    # Ray's socket paths must stay under the 107-byte AF_UNIX limit, so its folder is short.
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="amray-", dir="/tmp")}
     env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path / "killed-job.log", "wb")
     process = subprocess.Popen([sys.executable, "-m", "automixer_ray.cli", "run", "--config", str(config_path)],
-                               env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600
     try:
         while _completed_shards(output) < 4:
-            assert process.poll() is None, "the job ended before it could be killed"
+            if process.poll() is not None:
+                pytest.fail("the job ended before it could be killed:\n"
+                            + (tmp_path / "killed-job.log").read_text(errors="replace")[-4000:])
             assert time.monotonic() < deadline, "the job completed no shards within 600 s"
             time.sleep(0.5)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=60)
+        log.close()
     completed = _completed_shards(output)
     assert 4 <= completed < len(NEWS_FILES)
 

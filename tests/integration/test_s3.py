@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -71,7 +72,8 @@ def test_job_round_trip_through_s3(s3_server, tmp_path, shared_data, proxy_run):
     }
     config_path = tmp_path / "job.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    run_env = {**os.environ, **env, "RAY_TMPDIR": str(tmp_path / "ray")}
+    # Ray's socket paths must stay under the 107-byte AF_UNIX limit, so its folder is short.
+    run_env = {**os.environ, **env, "RAY_TMPDIR": tempfile.mkdtemp(prefix="amray-", dir="/tmp")}
     run_env.pop("RAY_ADDRESS", None)
     completed = subprocess.run([sys.executable, "-m", "automixer_ray.cli", "run", "--config", str(config_path)],
                                env=run_env, capture_output=True, text=True, timeout=800)

@@ -108,3 +108,10 @@ def test_every_key_documented():
     for section in dataclasses.fields(JobConfig):
         for key in dataclasses.fields(section.type if isinstance(section.type, type) else section.default_factory):
             assert f"{key.name}:" in text, f"{section.name}.{key.name}"
+
+
+def test_fingerprint_ignores_runtime_settings():
+    base = config_from_dict({"corpus": {"uris": ["c"]}})
+    runtime = config_from_dict({"corpus": {"uris": ["c"]}, "ray": {"actors_per_checkpoint": 3},
+                                "output": {"overwrite": True}, "simulation": {"seeds": [5]}})
+    assert base.fingerprint() == runtime.fingerprint()
