@@ -175,6 +175,30 @@ def score_examples(model, tokenizer, examples: list[Example], *, batch_size: int
     return scores
 
 
+def drop_long_examples(examples: dict[str, list[Example]], tokenizer_path: str, context_length: int, *,
+                       split: str = "influence") -> dict[str, list[Example]]:
+    """Drop examples with a choice whose continuation has more tokens than the model's context.
+
+    Such a choice cannot be scored whole; lm-evaluation-harness would score a truncated
+    continuation instead, which favours long choices. Each drop is counted in the log per task.
+    """
+    from automixer_ray.checkpoints import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    kept: dict[str, list[Example]] = {}
+    for task, chosen in examples.items():
+        kept[task] = [example for example in chosen
+                      if all(len(encode_pair(tokenizer, example.context_for(i), choice)[1]) <= context_length
+                             for i, choice in enumerate(example.choices))]
+        if len(kept[task]) < len(chosen):
+            logger.warning("task %s: dropped %d of %d %s examples with a choice longer than the model's context "
+                           "of %d tokens", task, len(chosen) - len(kept[task]), len(chosen), split, context_length)
+        if not kept[task]:
+            raise ValueError(f"task {task}: no {split} example fits the model's context of {context_length} tokens; "
+                             "use a model with a longer context")
+    return kept
+
+
 def task_metrics(scores: Sequence[ChoiceScores]) -> dict[str, float]:
     """Return ``acc``, ``acc_norm`` and ``gold_nll`` over ``scores``; NaN for no examples.
 

@@ -26,7 +26,7 @@ import ray.data
 from automixer_ray import corpus
 from automixer_ray.checkpoints import CheckpointInfo, check_remote_code, discover_checkpoints
 from automixer_ray.config import JobConfig
-from automixer_ray.evaluation import capability_matrix, format_matrix, select_checkpoints
+from automixer_ray.evaluation import capability_matrix, drop_long_examples, format_matrix, select_checkpoints
 from automixer_ray.influence import (
     layer_scores,
     select_layers,
@@ -45,7 +45,7 @@ from automixer_ray.cache import (
 from automixer_ray.outputs import OutputError, OutputLayout, claim_output, next_version
 from automixer_ray.projection import ProjectorIdentity
 from automixer_ray.raycluster import STREAM_TASK_CPUS, init_local_ray
-from automixer_ray.samples import build_sample_dataset, score_samples, subsample_threshold
+from automixer_ray.samples import build_sample_dataset, model_context_length, score_samples, subsample_threshold
 from automixer_ray.tasks import prepare_task_splits
 
 logger = logging.getLogger(__name__)
@@ -153,10 +153,12 @@ def run_job(config: JobConfig, *, refresh: bool = False) -> JobResult:
         raise OutputError(f"nothing to refresh: {config.output.uri} has no manifest.json; "
                           "run `automixer run` first with this config")
     layout = claim_output(config, overwrite=config.output.overwrite, allow_config_change=refresh)
+    influence_examples = drop_long_examples(splits.influence, checkpoints[0].path,
+                                            model_context_length(checkpoints[0].path))
     init_local_ray(config.ray.address)
 
-    matrix, selected, artifacts = select_artifact_checkpoints(config, checkpoints, splits.influence, layout)
-    plan = plan_scoring(config, artifacts, selected, splits.influence)
+    matrix, selected, artifacts = select_artifact_checkpoints(config, checkpoints, influence_examples, layout)
+    plan = plan_scoring(config, artifacts, selected, influence_examples)
     tokenizer_path = checkpoints[0].path
     max_key = subsample_threshold(config, shards, tokenizer_path=tokenizer_path)
     if max_key is None:

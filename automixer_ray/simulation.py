@@ -123,27 +123,10 @@ def eval_splits(tasks: TasksConfig, max_examples: Optional[int]) -> tuple[dict[s
 
 def drop_unscorable(examples: dict[str, list[Example]], tokenizer_path: str,
                     context_length: int) -> dict[str, list[Example]]:
-    """Drop eval examples with a choice whose continuation has more tokens than the proxy's context.
+    """Drop eval examples that the proxy cannot score; the same ones for every candidate."""
+    from automixer_ray.evaluation import drop_long_examples
 
-    ``evaluation.score_examples`` rejects such an example, and a proxy cannot score it anyway. The
-    same examples are dropped for every candidate, so the comparison stays paired.
-    """
-    from automixer_ray.checkpoints import load_tokenizer
-    from automixer_ray.evaluation import encode_pair
-
-    tokenizer = load_tokenizer(tokenizer_path)
-    kept: dict[str, list[Example]] = {}
-    for task, chosen in examples.items():
-        kept[task] = [example for example in chosen
-                      if all(len(encode_pair(tokenizer, example.context_for(i), choice)[1]) <= context_length
-                             for i, choice in enumerate(example.choices))]
-        if len(kept[task]) < len(chosen):
-            logger.warning("task %s: dropped %d of %d eval examples whose continuation exceeds the proxy context "
-                           "of %d tokens", task, len(chosen) - len(kept[task]), len(chosen), context_length)
-        if not kept[task]:
-            raise ValueError(f"task {task}: no eval example fits the proxy context of {context_length} tokens; "
-                             "raise simulation.context_length")
-    return kept
+    return drop_long_examples(examples, tokenizer_path, context_length, split="eval")
 
 
 # ---------------------------------------------------------------- candidates
