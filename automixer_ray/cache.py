@@ -4,8 +4,8 @@ Each corpus shard's influence rows live in ``influence/<shard key>/``. The key h
 the rows depend on: the shard's URI and content fingerprint, how it is read and chunked, which
 samples the subsample keeps, and the scoring identity (checkpoint fingerprints, projector, kept
 layers, tasks and their gradients' inputs). A shard's folder counts only once its ``_SUCCESS``
-marker exists, and the marker is written after every row of the shard is in place, so a job
-killed at any point leaves either complete shards or nothing that a restart would trust.
+marker exists. The marker is written after every row of the shard is in place, so a job killed at
+any point leaves complete shards and nothing else that a restart would trust.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _digest(payload: Any) -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class ScoringIdentity:
-    """What every influence row depends on besides its shard: a change here invalidates the cache."""
+    """Inputs of every influence row besides its shard; a change here invalidates the cache."""
 
     checkpoints: dict[str, str]  # artifact checkpoint name -> content fingerprint
     projector: dict[str, str]  # artifact checkpoint name -> projector identity fingerprint

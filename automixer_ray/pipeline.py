@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class JobResult:
-    """Where a finished job put its outputs, and its headline counts."""
+    """Locations of a finished job's outputs, and its headline counts."""
 
     output_uri: str
     manifest_uri: str
@@ -64,7 +64,7 @@ class JobResult:
 
 @dataclass(frozen=True, kw_only=True)
 class ScoringPlan:
-    """What the scoring actors need: artifact checkpoints, kept layers and task gradients."""
+    """Inputs of the scoring actors: artifact checkpoints, kept layers and task gradients."""
 
     artifacts: list[CheckpointInfo]
     selected: dict[str, str]
