@@ -11,6 +11,7 @@ if [ ! -d "$DATA/corpus" ] || [ ! -d "$DATA/tasks" ]; then
     echo "demo: $DATA/corpus and $DATA/tasks not found; set AUTOMIXER_DATA to a folder with that layout" >&2
     exit 2
 fi
+DATA=$(cd "$DATA" && pwd)
 max_samples=(--max-samples 2000)
 args=()
 for arg in "$@"; do
