@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -41,15 +43,42 @@ def ray_head(tmp_path):
     })
     env.pop("RAY_ADDRESS", None)
     dashboard_port = _free_port()
-    command = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", "0",
+    command = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", "0",
                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
                "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
-               "--disable-usage-stats"]
-    subprocess.run(command, env=env, check=True, timeout=180, capture_output=True)
+               "--num-cpus", "2", "--disable-usage-stats"]
+    # `ray stop` would stop every Ray on the machine, the test session's own included, so the head
+    # runs in its own process group (--block keeps its processes there) and only that group stops.
+    head = subprocess.Popen(command, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"http://127.0.0.1:{dashboard_port}"
     try:
-        yield f"http://127.0.0.1:{dashboard_port}", env
+        _wait_for_head(address, env, head)
+        yield address, env
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, timeout=120, capture_output=True)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(head.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                head.wait(timeout=30)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def _wait_for_head(address: str, env: dict, head: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            pytest.fail(f"ray start --head exited with code {head.returncode}")
+        probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
+                               capture_output=True, timeout=60)
+        if probe.returncode == 0:
+            return
+        time.sleep(2)
+    pytest.fail(f"the Ray head at {address} did not answer within 180 s")
 
 
 def test_submit_automix_job(ray_head, tmp_path, shared_data, proxy_run):
