@@ -73,11 +73,16 @@ class InfluenceCache:
     def shard_dir(self, key: str) -> str:
         return f"{self.root}/{key}"
 
+    def refresh_listings(self) -> None:
+        """Drop fsspec's cached folder listings: Ray workers write here from other processes."""
+        self.fs.invalidate_cache()
+
     def is_complete(self, key: str) -> bool:
         return self.fs.exists(f"{self.path}/{key}/{SUCCESS_MARKER}")
 
     def files(self, keys: list[str]) -> list[str]:
         """Return the Parquet files of the given completed shards (shards without rows have none)."""
+        self.refresh_listings()
         found = []
         for key in keys:
             for name in sorted(self.fs.ls(f"{self.path}/{key}", detail=False)):
@@ -103,6 +108,7 @@ class InfluenceCache:
 
     def commit(self, staging: str, key: str, shard_uri: str, num_rows: int) -> None:
         """Move a shard's staged files into place, then write its completion marker."""
+        self.refresh_listings()
         target = f"{self.path}/{key}"
         _, staged_path = fsspec.core.url_to_fs(f"{staging}/{key}")
         if self.fs.exists(target):
@@ -122,6 +128,7 @@ class InfluenceCache:
 
     def prune(self, keep: set[str]) -> int:
         """Delete shard folders and staging left by earlier runs that the current corpus no longer uses."""
+        self.refresh_listings()
         removed = 0
         if not self.fs.exists(self.path):
             return 0

@@ -155,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args)
     except (ConfigError, CheckpointError, CorpusError, TaskError, OutputError, FileNotFoundError) as error:
         logger.error("%s", error)
+        logger.debug("traceback of the error above", exc_info=True)
         return 2
 
 

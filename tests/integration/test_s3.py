@@ -75,7 +75,8 @@ def test_job_round_trip_through_s3(s3_server, tmp_path, shared_data, proxy_run):
     # Ray's socket paths must stay under the 107-byte AF_UNIX limit, so its folder is short.
     run_env = {**os.environ, **env, "RAY_TMPDIR": tempfile.mkdtemp(prefix="amray-", dir="/tmp")}
     run_env.pop("RAY_ADDRESS", None)
-    completed = subprocess.run([sys.executable, "-m", "automixer_ray.cli", "run", "--config", str(config_path)],
+    completed = subprocess.run([sys.executable, "-m", "automixer_ray.cli", "run", "--config", str(config_path),
+                                "--log-level", "DEBUG"],
                                env=run_env, capture_output=True, text=True, timeout=800)
     assert completed.returncode == 0, completed.stderr[-6000:]
 
