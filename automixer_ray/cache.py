@@ -113,10 +113,12 @@ class InfluenceCache:
         _, staged_path = fsspec.core.url_to_fs(f"{staging}/{key}")
         if self.fs.exists(target):
             self.fs.rm(target, recursive=True)
-        if self.fs.exists(staged_path):
-            self.fs.mv(staged_path, target, recursive=True)
-        else:
-            self.fs.makedirs(target, exist_ok=True)
+        self.fs.makedirs(target, exist_ok=True)
+        # Move file by file: a recursive move of a prefix on S3 also tries to copy the "folder"
+        # key itself, which does not exist there.
+        staged_files = self.fs.find(staged_path) if self.fs.exists(staged_path) else []
+        for staged_file in staged_files:
+            self.fs.mv(staged_file, f"{target}/{staged_file.rsplit('/', 1)[-1]}")
         marker = {"shard": shard_uri, "rows": num_rows, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         with self.fs.open(f"{target}/{SUCCESS_MARKER}", "w", encoding="utf-8") as handle:
             json.dump(marker, handle)
