@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 import ray.data
 
 from automixer_ray.config import MixtureConfig
+from automixer_ray.influence import influence_column
 from automixer_ray.manifest import atomic_output, join_uri
 
 logger = logging.getLogger(__name__)
@@ -73,11 +74,6 @@ GROUP_FILE_SCHEMA = pa.schema([
     ("n_tokens", pa.int32()),
 ])
 _MAX_NAME_CHARS = 100
-
-
-def influence_column(checkpoint: str, task: str) -> str:
-    """Return the influence table's column name for (artifact checkpoint, task)."""
-    return f"{checkpoint}/{task}"
 
 
 def sanitize_group_name(label: str) -> str:

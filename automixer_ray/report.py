@@ -30,7 +30,8 @@ MAX_PLOT_ROWS = 20_000
 LOWER_IS_BETTER = {"gold_nll"}
 
 
-def _save(figure: plt.Figure, uri: str) -> str:
+def save_figure(figure: plt.Figure, uri: str) -> str:
+    """Write ``figure`` as a PNG to ``uri`` atomically (any fsspec URI) and close it."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(figure)
@@ -73,7 +74,7 @@ def plot_capability(manifest: dict[str, Any], uri: str) -> Optional[str]:
                 colour = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
                 axes.text(column, row, f"{value:.3g}", ha="center", va="center", fontsize=7, color=colour)
     axes.set_title(f"Capability matrix ({metric}); red boxes: selected checkpoint per task")
-    return _save(figure, uri)
+    return save_figure(figure, uri)
 
 
 def plot_group_weights(manifest: dict[str, Any], uri: str) -> str:
@@ -86,7 +87,7 @@ def plot_group_weights(manifest: dict[str, Any], uri: str) -> str:
     axes.set_xticks(range(len(groups)), labels, rotation=30, ha="right", fontsize=8)
     axes.set_ylabel("weight")
     axes.set_title("Group sampling weights")
-    return _save(figure, uri)
+    return save_figure(figure, uri)
 
 
 def _influence_sample(influence: Any, columns: list[str]) -> pd.DataFrame:
@@ -127,7 +128,7 @@ def plot_influence_by_source(manifest: dict[str, Any], influence: Any, uri: str)
         axis.set_visible(False)
     figure.suptitle(f"Influence by source ({len(frame)} scored samples plotted)")
     figure.tight_layout()
-    return _save(figure, uri)
+    return save_figure(figure, uri)
 
 
 def _group_source_tokens(output_dir: str, manifest: dict[str, Any]) -> pd.DataFrame:
@@ -154,7 +155,7 @@ def plot_group_sources(output_dir: str, manifest: dict[str, Any], uri: str) -> t
     axes.set_xlabel("share of the group's tokens")
     axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=min(5, len(shares.columns)), fontsize=8)
     axes.set_title("Token share by source in each group")
-    return _save(figure, uri), shares
+    return save_figure(figure, uri), shares
 
 
 def _summary(manifest: dict[str, Any], plots: dict[str, Optional[str]], shares: pd.DataFrame) -> str:

@@ -9,7 +9,6 @@ difference is reported as "no difference".
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ import pandas as pd  # noqa: E402
 from automixer_ray.config import SimulationConfig  # noqa: E402
 from automixer_ray.evaluation import LOWER_IS_BETTER  # noqa: E402
 from automixer_ray.manifest import atomic_output, join_uri, read_manifest  # noqa: E402
+from automixer_ray.report import save_figure  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -138,12 +138,7 @@ def plot_learning_curves(results: pd.DataFrame, metric: str, candidates: list[st
     axis.set_ylabel(f"{metric}, mean over tasks ({direction})")
     axis.set_title("Held-out eval splits: mean over seeds, band = ±1 std")
     axis.legend()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    with atomic_output(uri) as handle:
-        handle.write(buffer.getvalue())
-    return uri
+    return save_figure(figure, uri)
 
 
 def _chosen_manifest(manifest_uri: str, candidate: str) -> dict[str, Any]:
