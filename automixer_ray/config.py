@@ -81,7 +81,7 @@ class CorpusConfig:
             if self.max_samples is not None:
                 raise ConfigError("corpus.max_samples and corpus.sample_fraction are both set; set one of them")
         if not self.text_field:
-            raise ConfigError("corpus.text_field is empty; set it to the record field that holds the text")
+            raise ConfigError("corpus.text_field is empty; set it to the record field that contains the text")
 
 
 @dataclass(kw_only=True)
@@ -204,13 +204,13 @@ class MixtureConfig:
 @dataclass(kw_only=True)
 class OutputConfig:
     uri: str = "runs/automix"
-    # Write into a folder that holds another job's results (different config fingerprint).
+    # Write into a folder that contains another job's results (different config fingerprint).
     overwrite: bool = False
 
 
 @dataclass(kw_only=True)
 class RayConfig:
-    """Where the job runs and how the actor pools are sized."""
+    """Ray placement: the cluster to join and the size of the scoring actor pools."""
 
     # None starts or joins a local Ray; "auto" joins a running cluster; or a ray:// address.
     address: Optional[str] = None
@@ -451,7 +451,7 @@ def with_overrides(config: JobConfig, overrides: dict[str, Any]) -> JobConfig:
 
 
 def save_resolved_config(config: JobConfig, uri: str) -> None:
-    """Write the resolved config as YAML with its fingerprint, so outputs say what made them."""
+    """Write the resolved config as YAML with its fingerprint, so outputs record what made them."""
     payload = {"format_version": FORMAT_VERSION, "fingerprint": config.fingerprint(), "config": config.to_dict()}
     with fsspec.open(uri, "w", encoding="utf-8") as handle:
         yaml.safe_dump(payload, handle, sort_keys=False)

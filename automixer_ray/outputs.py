@@ -2,7 +2,7 @@
 
 Every output path goes through fsspec, so the folder can be local or in an object store
 (``s3://``, ``gs://``). A folder belongs to the job whose config fingerprint is recorded in its
-``job.yaml``; another job may write there only with ``overwrite``, which first removes the old
+``job.yaml``. Another job may write there only with ``overwrite``, which first removes the old
 results so that two jobs' files never mix.
 """
 

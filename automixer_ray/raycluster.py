@@ -63,7 +63,7 @@ def max_tokenize_actors() -> int:
 
 @dataclass(frozen=True, kw_only=True)
 class PoolPlan:
-    """How each artifact checkpoint's scoring actor pool is sized."""
+    """Size of each artifact checkpoint's scoring actor pool."""
 
     num_actors: int
     num_cpus_per_actor: float

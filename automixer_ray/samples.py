@@ -1,7 +1,8 @@
 """The Ray Data stream of corpus samples: read shards, chunk and tokenize, subsample, score.
 
-Read tasks are plain Ray tasks, one shard each; chunking and tokenizing run in ``map_batches``
-with a tokenizer loaded once per worker; scoring runs in one actor pool per artifact checkpoint.
+Read tasks are plain Ray tasks that each read a few shards. Chunking and tokenizing run in
+``map_batches`` with a tokenizer loaded once per actor, and scoring runs in one actor pool per
+artifact checkpoint.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class SampleBuilder(ChunkAndTokenize):
 def _records(config: JobConfig, shards: list) -> ray.data.Dataset:
     items = [{"uri": s.uri, "format": s.format, "source": s.source} for s in shards]
     # A read task takes several small shards, which keeps per-task overhead low for corpora of
-    # many small files (one news article a file); large shards are split by Ray Data's block sizing.
+    # many small files (one news article a file). Ray Data's block sizing splits large shards.
     return ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64))).flat_map(
         _read_shard_rows,
         fn_kwargs={"text_field": config.corpus.text_field, "source_field": config.corpus.source_field,

@@ -100,7 +100,7 @@ def test_report_written(finished_job):
     assert len(pngs) >= 4
 
 
-def test_same_config_reuses_output_and_other_config_is_rejected(finished_job, shared_data, proxy_run):
+def test_other_config_output_rejected(finished_job, shared_data, proxy_run):
     from automixer_ray.outputs import OutputError
 
     config, result = finished_job

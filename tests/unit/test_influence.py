@@ -296,7 +296,7 @@ def test_scoring_actor_rejects_mismatch(tiny_gpt2_dir, gradients):
         ScoringActor(**_actor_arguments(tiny_gpt2_dir, gradients, kept, task_matrix=np.ones((2, 5))))
 
 
-def test_skip_reason_null_as_float_nan_is_not_a_reason():
+def test_skip_reason_nan_is_no_reason():
     """Ray Data hands an all-null skip_reason column over as float32 NaN; such rows must be scored."""
     from automixer_ray.influence import _has_skip_reason
 
