@@ -46,6 +46,7 @@ import ray.data
 from automixer_ray.config import MixtureConfig
 from automixer_ray.influence import influence_column
 from automixer_ray.manifest import atomic_output, join_uri
+from automixer_ray.raycluster import shuffle_partitions
 
 logger = logging.getLogger(__name__)
 
@@ -214,8 +215,8 @@ def find_first_copies(influence: ray.data.Dataset, columns: list[str]) -> tuple[
     second pass collects the locations of only those rows. Only repeated ids reach the driver.
     """
     scored_ids = influence.map_batches(_scored_ids, fn_kwargs={"columns": columns}, batch_format="pyarrow")
-    repeated = [row["sample_id"] for row in scored_ids.groupby("sample_id").count().iter_rows()
-                if row["count()"] > 1]
+    grouped = scored_ids.groupby("sample_id", num_partitions=shuffle_partitions(influence.count()))
+    repeated = [row["sample_id"] for row in grouped.count().iter_rows() if row["count()"] > 1]
     if not repeated:
         return {}, 0
     # NOTE: the repeated ids and their locations are held on the driver. A corpus with tens of

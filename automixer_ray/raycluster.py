@@ -113,3 +113,14 @@ def plan_pools(
     logger.info("scoring pools: %d pool(s) x %d actor(s), %.2f CPU and %.2f GPU per actor (cluster: %s CPUs, %s GPUs)",
                 num_pools, plan.num_actors, plan.num_cpus_per_actor, plan.num_gpus_per_actor, total_cpus, total_gpus)
     return plan
+
+
+# Rows per hash partition of a grouped aggregation. Ray Data's default is a fixed 200 partitions,
+# which on a small cluster costs about 20 s of task start-up even for a table of a few hundred rows.
+ROWS_PER_SHUFFLE_PARTITION = 1_000_000
+MAX_SHUFFLE_PARTITIONS = 200
+
+
+def shuffle_partitions(num_rows: int) -> int:
+    """Return the number of hash partitions for grouping ``num_rows`` rows: one per million, 1 to 200."""
+    return max(1, min(MAX_SHUFFLE_PARTITIONS, math.ceil(num_rows / ROWS_PER_SHUFFLE_PARTITION)))

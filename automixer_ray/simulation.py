@@ -45,6 +45,7 @@ import ray.data
 from automixer_ray.config import SIMULATION_BASELINES, JobConfig, SimulationConfig, TasksConfig
 from automixer_ray.manifest import atomic_output, join_uri, read_manifest, write_manifest
 from automixer_ray.mixture import GROUP_FILE_SCHEMA, build_mixture, sanitize_group_name
+from automixer_ray.raycluster import shuffle_partitions
 from automixer_ray.tasks import Example, limit_examples, prepare_task_splits
 
 logger = logging.getLogger(__name__)
@@ -233,7 +234,8 @@ def build_baseline_candidate(kind: str, job_manifest: dict, job_config: JobConfi
     rows = ray.data.read_parquet(influence_uri).map_batches(_scored_rows, batch_format="pyarrow", fn_kwargs={
         "influence_columns": list(job_manifest["column_stats"]), "seed": seed,
         "by_source": kind == "source_proportional"}).materialize()
-    totals = {row["__group"]: row["sum(n_tokens)"] for row in rows.groupby("__group").sum("n_tokens").iter_rows()}
+    grouped = rows.groupby("__group", num_partitions=shuffle_partitions(rows.count()))
+    totals = {row["__group"]: row["sum(n_tokens)"] for row in grouped.sum("n_tokens").iter_rows()}
     total = sum(totals.values())
     shares = {label: tokens / total for label, tokens in sorted(totals.items())}
     names = dict(zip(shares, _unique_group_names(list(shares))))
