@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -13,38 +12,16 @@ import pytest
 from automixer_ray.config import config_from_dict
 from automixer_ray.manifest import read_manifest
 from automixer_ray.pipeline import run_job
+from shared_job import job_config
 
 pytestmark = pytest.mark.timeout(900)
 
 SOURCES = {"books", "news", "shakespeare", "stackexchange", "wikitext"}
 
 
-def job_config(corpus_dir, tasks_dir, checkpoints, output, **overrides) -> dict:
-    data = {
-        "corpus": {"uris": [str(corpus_dir)], "max_samples": 240, "sample_seed": 0},
-        "checkpoints": {"uris": [str(checkpoints)]},
-        "tasks": {"root": str(tasks_dir), "max_influence_examples": 16},
-        "evaluation": {"metric": "gold_nll", "batch_size": 16},
-        "influence": {"keep_layers": 0.5, "batch_size": 16},
-        "mixture": {"top_k_percent": 40.0, "beta": 1.0, "token_budget": 20_000},
-        "output": {"uri": str(output)},
-    }
-    for key, value in overrides.items():
-        section, name = key.split(".")
-        data[section][name] = value
-    return data
-
-
-@pytest.fixture(scope="module")
-def finished_job(tmp_path_factory, shared_data, proxy_run, ray_local):
-    output = tmp_path_factory.mktemp("job") / "out"
-    config = config_from_dict(job_config(shared_data / "corpus", shared_data / "tasks", proxy_run, output))
-    result = run_job(config)
-    return config, result
-
-
 def test_manifest_contract(finished_job):
-    config, result = finished_job
+    data, result = finished_job
+    config = config_from_dict(data)
     manifest = read_manifest(result.manifest_uri)
     for key in ("format_version", "config_fingerprint", "checkpoints", "capability", "selected", "layers",
                 "projector", "counts", "groups"):
@@ -103,7 +80,7 @@ def test_report_written(finished_job):
 def test_other_config_output_rejected(finished_job, shared_data, proxy_run):
     from automixer_ray.outputs import OutputError
 
-    config, result = finished_job
+    _, result = finished_job
     other = config_from_dict(job_config(shared_data / "corpus", shared_data / "tasks", proxy_run,
                                         result.output_uri, **{"mixture.beta": 0.0}))
     with pytest.raises(OutputError, match="--overwrite"):

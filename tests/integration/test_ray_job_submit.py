@@ -56,13 +56,14 @@ def ray_head(tmp_path):
         _wait_for_head(address, env, head)
         yield address, env
     finally:
+        # `ray start --block` ignores SIGTERM while its children run, so SIGKILL follows after 5 s.
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.killpg(head.pid, sig)
             except ProcessLookupError:
                 break
             try:
-                head.wait(timeout=30)
+                head.wait(timeout=5 if sig == signal.SIGTERM else 30)
                 break
             except subprocess.TimeoutExpired:
                 continue
@@ -91,6 +92,8 @@ def test_submit_automix_job(ray_head, tmp_path, shared_data, proxy_run):
         "tasks": {"root": str(shared_data / "tasks"), "names": ["boolq", "piqa"], "max_influence_examples": 8},
         "influence": {"batch_size": 8},
         "output": {"uri": str(output)},
+        # One scoring wave: waves only matter for resuming (tests/integration/test_refresh.py).
+        "ray": {"shards_per_wave": 1000},
     }
     config_path = tmp_path / "job.yaml"
     config_path.write_text(yaml.safe_dump(config))

@@ -69,6 +69,8 @@ def test_job_round_trip_through_s3(s3_server, tmp_path, shared_data, proxy_run):
         "tasks": {"root": f"s3://{BUCKET}/tasks", "max_influence_examples": 8},
         "influence": {"batch_size": 8},
         "output": {"uri": f"s3://{BUCKET}/runs/first"},
+        # One scoring wave: waves only matter for resuming (tests/integration/test_refresh.py).
+        "ray": {"shards_per_wave": 1000},
     }
     config_path = tmp_path / "job.yaml"
     config_path.write_text(yaml.safe_dump(config))

@@ -23,22 +23,18 @@ CANDIDATES = {"automixer_k40_b0", "automixer_k40_b1", "uniform", "source_proport
 
 
 @pytest.fixture(scope="module")
-def simulated(tmp_path_factory, shared_data, proxy_run, ray_local):
-    output = tmp_path_factory.mktemp("simulation") / "out"
+def simulated(finished_job):
+    """Simulate on the shared finished job's influence table (the simulation skips a job it finds)."""
+    data, job = finished_job
     config = config_from_dict({
-        "corpus": {"uris": [str(shared_data / "corpus")], "max_samples": 240, "sample_seed": 0},
-        "checkpoints": {"uris": [proxy_run]},
-        "tasks": {"root": str(shared_data / "tasks"), "max_influence_examples": 16},
-        "evaluation": {"metric": "gold_nll", "batch_size": 16},
-        "influence": {"keep_layers": 0.5, "batch_size": 16},
-        "mixture": {"top_k_percent": 40.0, "beta": 1.0, "group_by": "task"},
-        "output": {"uri": str(output)},
+        **data,
+        "mixture": {**data["mixture"], "group_by": "task", "token_budget": None},
         # 20 steps of 4 x 128 tokens per proxy, scored every 10 steps on 8 eval examples per task.
         "simulation": {"top_k_percents": [40.0], "betas": [0.0, 1.0], "seeds": SEEDS, "token_budget": 4 * 128 * 20,
                        "hidden_size": 32, "context_length": 128, "batch_size": 4, "eval_every": 10,
                        "max_eval_examples": 8},
     })
-    return config, run_simulation(config)
+    return config, run_simulation(config, output_uri=job.output_uri)
 
 
 def test_eval_examples_never_reach_influence(simulated):
