@@ -107,8 +107,11 @@ def gpt2_model(*, width: int, layers: int, vocab_size: int, context: int = 1024,
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
+    # GPT-2's default special-token id 50256 lies outside a small vocabulary; the tokenizers of
+    # automixer_ray.tokenizer give their end-of-text token id 0.
     config = GPT2Config(vocab_size=vocab_size, n_positions=context, n_embd=width, n_layer=layers,
-                        n_head=max(1, width // 64), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                        n_head=max(1, width // 64), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(config).eval()
 
 
