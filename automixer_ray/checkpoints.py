@@ -20,7 +20,7 @@ import fsspec
 logger = logging.getLogger(__name__)
 
 SAFE_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
-PICKLE_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt")
+PICKLE_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 _STEP_PATTERN = re.compile(r"(\d+)$")
 
@@ -94,6 +94,11 @@ def check_checkpoint_files(path: str, *, allow_pickle: bool = False) -> None:
             f"checkpoint {path} has only pickled weights ({', '.join(sorted(names & set(PICKLE_WEIGHT_FILES)))}), "
             "which can run code when loaded; convert them to safetensors, or set "
             "checkpoints.allow_pickle: true to load them with torch.load(weights_only=True)")
+    bare_state_dicts = sorted(name for name in names if name.endswith((".pt", ".pth")))
+    if not has_safe and not has_pickle and bare_state_dicts:
+        raise CheckpointError(f"checkpoint {path} has weights only in {', '.join(bare_state_dicts)}, which "
+                              "from_pretrained cannot load; load them into the model and save it with "
+                              "save_pretrained(path, safe_serialization=True)")
     if not has_safe and not has_pickle:
         raise CheckpointError(f"checkpoint {path} has no weights (model.safetensors); "
                               "save the model with save_pretrained(safe_serialization=True)")

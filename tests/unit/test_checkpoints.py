@@ -72,6 +72,16 @@ def test_missing_weights_or_tokenizer_rejected(tmp_path, tiny_gpt2_dir):
         discover_checkpoints([str(no_tokenizer)])
 
 
+def test_bare_state_dict_rejected_naming_file(tmp_path, tiny_gpt2_dir):
+    path = tmp_path / "checkpoint-000001"
+    shutil.copytree(tiny_gpt2_dir, path)
+    torch.save(load_model(str(path)).state_dict(), path / "model.pt")
+    os.remove(path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"weights only in model\.pt") as error:
+        discover_checkpoints([str(path)], allow_pickle=True)
+    assert "save_pretrained" in str(error.value)
+
+
 def test_mixed_architectures_rejected(tmp_path, tiny_gpt2_dir, tiny_llama_dir):
     shutil.copytree(tiny_gpt2_dir, tmp_path / "checkpoint-000001")
     shutil.copytree(tiny_llama_dir, tmp_path / "checkpoint-000002")
