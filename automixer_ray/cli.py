@@ -142,6 +142,17 @@ def _train_default_proxy(config, *, steps: int):
     return with_overrides(config, {"checkpoints.uris": [run_dir]})
 
 
+def submit_arguments(command: str, argv: Sequence[str]) -> list[str]:
+    """Return ``automixer`` arguments for a ``ray job submit`` entry point of ``command``.
+
+    A first argument that is not a flag is the config path or URI (``jobs/automix.py job.yaml``).
+    """
+    argv = list(argv)
+    if argv and not argv[0].startswith("-"):
+        return [command, "--config", argv[0], *argv[1:]]
+    return [command, *argv]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -9,14 +9,7 @@ Under ``ray job submit`` the script joins the job's cluster through RAY_ADDRESS.
 
 import sys
 
-from automixer_ray.cli import main
-
-
-def _as_run_arguments(argv: list[str]) -> list[str]:
-    if argv and not argv[0].startswith("-"):
-        return ["run", "--config", argv[0], *argv[1:]]
-    return ["run", *argv]
-
+from automixer_ray.cli import main, submit_arguments
 
 if __name__ == "__main__":
-    sys.exit(main(_as_run_arguments(sys.argv[1:])))
+    sys.exit(main(submit_arguments("run", sys.argv[1:])))

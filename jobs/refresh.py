@@ -9,14 +9,7 @@ Under ``ray job submit`` the script joins the job's cluster through RAY_ADDRESS.
 
 import sys
 
-from automixer_ray.cli import main
-
-
-def _as_refresh_arguments(argv: list[str]) -> list[str]:
-    if argv and not argv[0].startswith("-"):
-        return ["refresh", "--config", argv[0], *argv[1:]]
-    return ["refresh", *argv]
-
+from automixer_ray.cli import main, submit_arguments
 
 if __name__ == "__main__":
-    sys.exit(main(_as_refresh_arguments(sys.argv[1:])))
+    sys.exit(main(submit_arguments("refresh", sys.argv[1:])))

@@ -9,14 +9,7 @@ Under ``ray job submit`` the script joins the job's cluster through RAY_ADDRESS.
 
 import sys
 
-from automixer_ray.cli import main
-
-
-def _as_simulate_arguments(argv: list[str]) -> list[str]:
-    if argv and not argv[0].startswith("-"):
-        return ["simulate", "--config", argv[0], *argv[1:]]
-    return ["simulate", *argv]
-
+from automixer_ray.cli import main, submit_arguments
 
 if __name__ == "__main__":
-    sys.exit(main(_as_simulate_arguments(sys.argv[1:])))
+    sys.exit(main(submit_arguments("simulate", sys.argv[1:])))

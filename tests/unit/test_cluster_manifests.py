@@ -8,7 +8,8 @@ authentication must stay on. The tests use no network and no Kubernetes API.
 
 from __future__ import annotations
 
-import importlib.util
+import subprocess
+import sys
 import json
 import re
 import shlex
@@ -334,10 +335,14 @@ def test_rayjobs_clean_up_clusters():
         assert spec["ttlSecondsAfterFinished"] > 0, name
 
 
-def test_refresh_script_builds_refresh_arguments():
-    spec = importlib.util.spec_from_file_location("refresh_entry", REPO_ROOT / "jobs" / "refresh.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module._as_refresh_arguments(["job.yaml", "--output", "s3://b/run"]) == [
+def test_entry_points_build_cli_arguments():
+    from automixer_ray.cli import submit_arguments
+
+    assert submit_arguments("refresh", ["job.yaml", "--output", "s3://b/run"]) == [
         "refresh", "--config", "job.yaml", "--output", "s3://b/run"]
-    assert module._as_refresh_arguments(["--config", "s3://b/job.yaml"]) == ["refresh", "--config", "s3://b/job.yaml"]
+    assert submit_arguments("run", ["--config", "s3://b/job.yaml"]) == ["run", "--config", "s3://b/job.yaml"]
+    for name, command in (("automix", "run"), ("refresh", "refresh"), ("simulate", "simulate")):
+        usage = subprocess.run([sys.executable, str(REPO_ROOT / "jobs" / f"{name}.py"), "--help"],
+                               capture_output=True, text=True, timeout=120)
+        assert usage.returncode == 0, usage.stderr
+        assert f"usage: automixer {command}" in usage.stdout, name
