@@ -220,6 +220,8 @@ def read_influence(files: list[str]) -> ray.data.Dataset:
     Going through fsspec means the read uses the same credentials and endpoint settings
     (``AWS_ENDPOINT_URL`` and the like) as every other read and write of the job.
     """
+    if not files:
+        raise ValueError("read_influence got no files; pass the Parquet files of a finished job's influence table")
     num_tasks = math.ceil(len(files) / FILES_PER_READ_TASK)
     listing = ray.data.from_items([{"uri": uri} for uri in files], override_num_blocks=num_tasks)
     return listing.map_batches(_read_file_group, batch_format="pyarrow", batch_size=None)

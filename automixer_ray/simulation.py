@@ -83,19 +83,31 @@ def candidate_name(top_k_percent: float, beta: float) -> str:
     return sanitize_group_name(f"automixer_k{top_k_percent:g}_b{beta:g}")
 
 
+def _parquet_files(uri: str) -> list[str]:
+    """Return the Parquet files of a table folder (or the one file ``uri``), in name order."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    files = sorted(fs.find(path)) if fs.isdir(path) else [path]
+    return [fs.unstrip_protocol(name) for name in files if name.endswith(".parquet")]
+
+
 def table_fingerprint(uri: str) -> str:
     """Return 16 hex digits of BLAKE2b over the table's Parquet files (names and bytes, in name order)."""
     fs, path = fsspec.core.url_to_fs(uri)
-    files = sorted(fs.find(path)) if fs.isdir(path) else [path]
     digest = hashlib.blake2b(digest_size=8)
-    for name in files:
-        if not name.endswith(".parquet"):
-            continue
+    for name in _parquet_files(uri):
+        name = fsspec.core.url_to_fs(name)[1]
         digest.update(name[len(path):].encode("utf-8"))
         with fs.open(name, "rb") as handle:
             while chunk := handle.read(1 << 22):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_influence_table(uri: str) -> ray.data.Dataset:
+    """Open the influence table folder ``uri`` as a dataset, reading its many small files in groups."""
+    from automixer_ray.pipeline import read_influence
+
+    return read_influence(_parquet_files(uri))
 
 
 # ---------------------------------------------------------------- eval split
@@ -156,7 +168,7 @@ def build_automixer_candidate(job_manifest: dict, job_config: JobConfig, *, infl
     settings = job_config.simulation
     overrides = {"top_k_percent": top_k_percent, "beta": beta, "token_budget": settings.token_budget}
     mixture_config = dataclasses.replace(job_config.mixture, **overrides)
-    result = build_mixture(ray.data.read_parquet(influence_uri), selected=job_manifest["selected"],
+    result = build_mixture(read_influence_table(influence_uri), selected=job_manifest["selected"],
                            config=mixture_config, output_dir=output_dir)
     name = candidate_name(top_k_percent, beta)
     description = {"name": name, "kind": "automixer", "top_k_percent": top_k_percent, "beta": beta,
@@ -231,7 +243,7 @@ def build_baseline_candidate(kind: str, job_manifest: dict, job_config: JobConfi
         raise ValueError(f"baseline {kind!r} is invalid; allowed: {', '.join(SIMULATION_BASELINES)}")
     budget = job_config.simulation.token_budget
     seed = job_config.corpus.sample_seed
-    rows = ray.data.read_parquet(influence_uri).map_batches(_scored_rows, batch_format="pyarrow", fn_kwargs={
+    rows = read_influence_table(influence_uri).map_batches(_scored_rows, batch_format="pyarrow", fn_kwargs={
         "influence_columns": list(job_manifest["column_stats"]), "seed": seed,
         "by_source": kind == "source_proportional"}).materialize()
     grouped = rows.groupby("__group", num_partitions=shuffle_partitions(rows.count()))
