@@ -13,14 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray.data
 
 logger = logging.getLogger(__name__)
 
@@ -185,3 +187,37 @@ def subsample_max_key(fraction: Optional[float]) -> Optional[str]:
     if fraction is None or fraction >= 1.0:
         return None
     return f"{int(fraction * float(2 ** 64)) - 1:016x}" if fraction > 0 else "0" * 16
+
+
+# ray.data.read_parquet starts work per file: on 2 CPUs it read a cache of 502 small per-shard files
+# in 37 s, while 8 tasks that each read their share with pyarrow took 2 s. Files are read in groups
+# of this many, and each task yields blocks of about ROWS_PER_INFLUENCE_BLOCK rows.
+FILES_PER_READ_TASK = 64
+ROWS_PER_INFLUENCE_BLOCK = 100_000
+
+
+def _read_file_group(batch: pa.Table) -> Iterator[pa.Table]:
+    """Read the Parquet files named in ``batch["uri"]`` through fsspec; yield blocks of whole files."""
+    pending, rows = [], 0
+    for uri in batch.column("uri").to_pylist():
+        with fsspec.open(uri, "rb") as handle:
+            pending.append(pq.read_table(handle))
+        rows += pending[-1].num_rows
+        if rows >= ROWS_PER_INFLUENCE_BLOCK:
+            yield pa.concat_tables(pending)
+            pending, rows = [], 0
+    if pending:
+        yield pa.concat_tables(pending)
+
+
+def read_influence(files: list[str]) -> ray.data.Dataset:
+    """Open influence Parquet files (local paths or fsspec URIs) as one dataset.
+
+    Going through fsspec means the read uses the same credentials and endpoint settings
+    (``AWS_ENDPOINT_URL`` and the like) as every other read and write of the job.
+    """
+    if not files:
+        raise ValueError("read_influence got no files; pass the Parquet files of a finished job's influence table")
+    num_tasks = math.ceil(len(files) / FILES_PER_READ_TASK)
+    listing = ray.data.from_items([{"uri": uri} for uri in files], override_num_blocks=num_tasks)
+    return listing.map_batches(_read_file_group, batch_format="pyarrow", batch_size=None)

@@ -16,12 +16,10 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import fsspec
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import ray.data
 
@@ -40,6 +38,7 @@ from automixer_ray.cache import (
     InfluenceCache,
     ScoringIdentity,
     count_rows_by_key,
+    read_influence,
     shard_key,
     subsample_max_key,
     write_staged_rows,
@@ -191,40 +190,6 @@ def run_job(config: JobConfig, *, refresh: bool = False) -> JobResult:
                 report_files[0] if report_files else "none")
     return JobResult(output_uri=layout.root, manifest_uri=manifest_uri, version=version,
                      report_uri=f"{version_dir}/report", counts=mixture.counts)
-
-
-# ray.data.read_parquet starts work per file: on 2 CPUs it read a cache of 502 small per-shard files
-# in 37 s, while 8 tasks that each read their share with pyarrow took 2 s. Files are read in groups
-# of this many, and each task yields blocks of about ROWS_PER_INFLUENCE_BLOCK rows.
-FILES_PER_READ_TASK = 64
-ROWS_PER_INFLUENCE_BLOCK = 100_000
-
-
-def _read_file_group(batch: pa.Table) -> Iterator[pa.Table]:
-    """Read the Parquet files named in ``batch["uri"]`` through fsspec; yield blocks of whole files."""
-    pending, rows = [], 0
-    for uri in batch.column("uri").to_pylist():
-        with fsspec.open(uri, "rb") as handle:
-            pending.append(pq.read_table(handle))
-        rows += pending[-1].num_rows
-        if rows >= ROWS_PER_INFLUENCE_BLOCK:
-            yield pa.concat_tables(pending)
-            pending, rows = [], 0
-    if pending:
-        yield pa.concat_tables(pending)
-
-
-def read_influence(files: list[str]) -> ray.data.Dataset:
-    """Open influence Parquet files (local paths or fsspec URIs) as one dataset.
-
-    Going through fsspec means the read uses the same credentials and endpoint settings
-    (``AWS_ENDPOINT_URL`` and the like) as every other read and write of the job.
-    """
-    if not files:
-        raise ValueError("read_influence got no files; pass the Parquet files of a finished job's influence table")
-    num_tasks = math.ceil(len(files) / FILES_PER_READ_TASK)
-    listing = ray.data.from_items([{"uri": uri} for uri in files], override_num_blocks=num_tasks)
-    return listing.map_batches(_read_file_group, batch_format="pyarrow", batch_size=None)
 
 
 def _has_manifest(uri: str) -> bool:

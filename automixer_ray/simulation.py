@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
+from automixer_ray.cache import read_influence
 from automixer_ray.config import SIMULATION_BASELINES, JobConfig, SimulationConfig, TasksConfig
 from automixer_ray.manifest import atomic_output, join_uri, read_manifest, write_manifest
 from automixer_ray.mixture import GROUP_FILE_SCHEMA, build_mixture, sanitize_group_name
@@ -83,19 +84,17 @@ def candidate_name(top_k_percent: float, beta: float) -> str:
     return sanitize_group_name(f"automixer_k{top_k_percent:g}_b{beta:g}")
 
 
-def _parquet_files(uri: str) -> list[str]:
-    """Return the Parquet files of a table folder (or the one file ``uri``), in name order."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    files = sorted(fs.find(path)) if fs.isdir(path) else [path]
-    return [fs.unstrip_protocol(name) for name in files if name.endswith(".parquet")]
+def _parquet_paths(fs, path: str) -> list[str]:
+    """Return the Parquet files below a table folder (or the one file ``path``) of ``fs``, in name order."""
+    names = sorted(fs.find(path)) if fs.isdir(path) else [path]
+    return [name for name in names if name.endswith(".parquet")]
 
 
 def table_fingerprint(uri: str) -> str:
     """Return 16 hex digits of BLAKE2b over the table's Parquet files (names and bytes, in name order)."""
     fs, path = fsspec.core.url_to_fs(uri)
     digest = hashlib.blake2b(digest_size=8)
-    for name in _parquet_files(uri):
-        name = fsspec.core.url_to_fs(name)[1]
+    for name in _parquet_paths(fs, path):
         digest.update(name[len(path):].encode("utf-8"))
         with fs.open(name, "rb") as handle:
             while chunk := handle.read(1 << 22):
@@ -105,9 +104,8 @@ def table_fingerprint(uri: str) -> str:
 
 def read_influence_table(uri: str) -> ray.data.Dataset:
     """Open the influence table folder ``uri`` as a dataset, reading its many small files in groups."""
-    from automixer_ray.pipeline import read_influence
-
-    return read_influence(_parquet_files(uri))
+    fs, path = fsspec.core.url_to_fs(uri)
+    return read_influence([fs.unstrip_protocol(name) for name in _parquet_paths(fs, path)])
 
 
 # ---------------------------------------------------------------- eval split

@@ -133,8 +133,8 @@ def _completed_shards(output: Path) -> int:
 
 def test_killed_job_resumes_to_identical_manifest(tmp_path, shared_data, proxy_run, full_corpus, baseline, caplog):
     output = tmp_path / "out"
-    # The killed run commits 4 shards per wave; the resumed run scores the rest in one wave
-    # (ray settings are not part of the config fingerprint, so it may change them).
+    # The killed run commits 4 shards per wave, and the resumed run scores the rest in one wave.
+    # Ray settings are not part of the config fingerprint, so the resumed run may change them.
     data = _config(full_corpus, shared_data, proxy_run, output, actors_per_checkpoint=1, shards_per_wave=4)
     config_path = tmp_path / "job.yaml"
     config_path.write_text(yaml.safe_dump(data))

@@ -8,11 +8,11 @@ authentication must stay on. The tests use no network and no Kubernetes API.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
