@@ -189,15 +189,15 @@ def subsample_max_key(fraction: Optional[float]) -> Optional[str]:
     return f"{int(fraction * float(2 ** 64)) - 1:016x}" if fraction > 0 else "0" * 16
 
 
-# ray.data.read_parquet starts work per file: on 2 CPUs it read a cache of 502 small per-shard files
-# in 37 s, while 8 tasks that each read their share with pyarrow took 2 s. Files are read in groups
-# of this many, and each task yields blocks of about ROWS_PER_INFLUENCE_BLOCK rows.
+# ray.data.read_parquet starts work per file, so on 2 CPUs it took 37 s to read 502 small shard files.
+# Eight tasks that each read their share with pyarrow took 2 s. Each task reads this many files.
 FILES_PER_READ_TASK = 64
 ROWS_PER_INFLUENCE_BLOCK = 100_000
 
 
 def _read_file_group(batch: pa.Table) -> Iterator[pa.Table]:
-    """Read the Parquet files named in ``batch["uri"]`` through fsspec; yield blocks of whole files."""
+    """Read the Parquet files named in ``batch["uri"]``; yield blocks of whole files, each of at least
+    ROWS_PER_INFLUENCE_BLOCK rows except the last."""
     pending, rows = [], 0
     for uri in batch.column("uri").to_pylist():
         with fsspec.open(uri, "rb") as handle:
@@ -217,7 +217,7 @@ def read_influence(files: list[str]) -> ray.data.Dataset:
     (``AWS_ENDPOINT_URL`` and the like) as every other read and write of the job.
     """
     if not files:
-        raise ValueError("read_influence got no files; pass the Parquet files of a finished job's influence table")
+        raise ValueError("no influence files were given; pass the Parquet files of a finished job's influence table")
     num_tasks = math.ceil(len(files) / FILES_PER_READ_TASK)
     listing = ray.data.from_items([{"uri": uri} for uri in files], override_num_blocks=num_tasks)
     return listing.map_batches(_read_file_group, batch_format="pyarrow", batch_size=None)
